@@ -79,7 +79,8 @@ def run_stage(
     def recording_run(*a, **k):
         yield rec
 
-    stage.stage_run, stage._device = recording_run, lambda: device
+    # the stage resolves its device itself (ccalign.device.resolve_device); pin it to the benchmark's
+    stage.stage_run, stage.resolve_device = recording_run, lambda name="auto": device
     parser = argparse.ArgumentParser()
     stage.add_arguments(parser)
     flags = {
@@ -113,8 +114,11 @@ def run_naive(
     per_class: int,
     out: Path,
     device: torch.device,
+    limit: int | None = None,
 ) -> dict:
-    """The official samplers' loop: one generator for the batch, one decoder call, np.savez at the end."""
+    """The official samplers' loop: one generator for the batch, one decoder call, np.savez at the end.
+
+    ``limit``: only the first ``limit`` samples (the warm-up batch)."""
     model_cfg = cfg["models"][name]
     family = get_family(model_cfg["family"])
     model = family.load_model(ckpt, model_cfg["args"]).to(device).eval()
@@ -123,6 +127,7 @@ def run_naive(
     )
     sampling, resize_to = stage.sampling_options(family, model_cfg)
     n, batch = family.num_classes(model) * per_class, cfg["sample"]["batch_size"]
+    n = n if limit is None else min(n, limit)
     gen = torch.Generator().manual_seed(0)
     sync(device)
     t0 = time.perf_counter()
@@ -146,7 +151,10 @@ def bench_model(cfg: dict, name: str, args, device: torch.device) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ckpt, tok = save_random_checkpoints(cfg, name, root)
-        run_naive(cfg, name, ckpt, tok, scales[0], 1, root / "warmup.npz", device)  # one-time costs
+        # one-time costs (allocator, kernel selection): one batch, guidance-free and guided
+        for guidance in (scales[0], scales[-1]):
+            limit = cfg["sample"]["batch_size"]
+            run_naive(cfg, name, ckpt, tok, guidance, 1, root / "warmup.npz", device, limit=limit)
         for label, guidance in (("guidance-free", scales[0]), (f"CFG {scales[-1]:g}", scales[-1])):
             ours = run_stage(
                 cfg, name, ckpt, tok, guidance, per_class, root / f"g{guidance}" / "samples.npz", device
