@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -103,7 +104,7 @@ def test_stage_run_records_lineage(tmp_path, monkeypatch):
     monkeypatch.setenv("CCALIGN_RULE", "finetune")
     monkeypatch.setenv("CCALIGN_WILDCARDS", "model=llamagen_tiny,lam=1.0")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    cfg = load_config(DEFAULT, [f"data_root={tmp_path}"])
+    cfg = load_config(DEFAULT, [f"data_root={tmp_path}", "tracking.defer=false"])
     inp = tmp_path / "input.bin"
     inp.write_bytes(b"abc")
     art = tmp_path / "artifact.txt"
@@ -136,7 +137,12 @@ def _closed_port() -> int:
 
 
 def test_unreachable_server_buffers_then_replays(tmp_path):
-    cfg = load_config(DEFAULT, [f"data_root={tmp_path}", f"tracking.uri=http://127.0.0.1:{_closed_port()}"])
+    overrides = [
+        f"data_root={tmp_path}",
+        f"tracking.uri=http://127.0.0.1:{_closed_port()}",
+        "tracking.defer=false",
+    ]
+    cfg = load_config(DEFAULT, overrides)
     t0 = time.time()
     with stage_run(cfg, "sample") as run:
         run.log_metrics({"images_per_s": 12.0})
@@ -153,6 +159,52 @@ def test_unreachable_server_buffers_then_replays(tmp_path):
     assert stages == ["evaluate", "sample"]
     replayed = next(r for r in runs if r.data.tags["ccalign.stage"] == "sample")
     assert replayed.data.metrics["images_per_s"] == 12.0
+
+
+_DEFERRED_STAGE = """
+import sys, time
+from ccalign.config import load_config
+from ccalign.tracking import stage_run
+cfg = load_config(sys.argv[1], [f"data_root={sys.argv[2]}", "tracking.defer=true"])
+with stage_run(cfg, sys.argv[3]) as run:
+    run.log_metrics({"loss": 2.0}, step=1)
+    time.sleep(0.05)
+assert not any(m == "mlflow" or m.startswith("mlflow.") for m in sys.modules), "MLflow was imported"
+"""
+
+
+def test_deferred_runs_skip_mlflow_and_the_sender_keeps_their_times(tmp_path):
+    for stage in ("pretrain", "sample"):
+        subprocess.run(
+            [sys.executable, "-c", _DEFERRED_STAGE, str(DEFAULT), str(tmp_path), stage],
+            check=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+    pending = sorted((tmp_path / "mlflow" / "pending").glob("*.json"))
+    assert len(pending) == 2 and not (tmp_path / "mlflow" / "mlflow.db").exists()
+    records = {json.loads(p.read_text())["tags"]["ccalign.stage"]: json.loads(p.read_text()) for p in pending}
+    # a record another process has claimed (renamed) is left to it
+    claimed = pending[0].with_suffix(".sending-1")
+    pending[0].rename(claimed)
+    cfg = load_config(DEFAULT, [f"data_root={tmp_path}"])
+    with stage_run(cfg, "report", defer=False):
+        pass
+    client, runs = _runs(f"sqlite:///{tmp_path}/mlflow/mlflow.db", cfg["experiment"])
+    assert len(runs) == 2 and claimed.exists()
+    claimed.rename(pending[0])
+    with stage_run(cfg, "report", defer=False):
+        pass
+    client, runs = _runs(f"sqlite:///{tmp_path}/mlflow/mlflow.db", cfg["experiment"])
+    assert sorted(r.data.tags["ccalign.stage"] for r in runs) == ["pretrain", "report", "report", "sample"]
+    by_stage = {r.data.tags["ccalign.stage"]: r for r in runs}
+    assert not list((tmp_path / "mlflow" / "pending").glob("*"))
+    for stage, rec in records.items():
+        run = by_stage[stage]
+        assert run.info.status == "FINISHED" and run.data.tags["ccalign.replayed"] == "true"
+        assert (run.info.start_time, run.info.end_time) == (rec["start_ms"], rec["end_ms"])
+        assert rec["end_ms"] - rec["start_ms"] >= 50
+        assert run.data.metrics["loss"] == 2.0
 
 
 def test_flatten():

@@ -7,6 +7,10 @@ id, the pipeline invocation's group id), metrics and artifacts. Only rank 0 of a
 If the tracking server cannot be reached, or stops answering mid-run, the stage still completes: the whole
 run is kept in memory and written to ``<data_root>/mlflow/pending/*.json``; the next stage that reaches the
 server replays those records (a warning says so both times).
+
+With ``tracking.defer: true`` every stage writes its run that way on purpose, without starting MLflow at all
+(several seconds per process, which dominates many short CPU jobs), and the ``report`` stage, the DAG's last
+job, sends them all with their original start and end times.
 """
 
 from __future__ import annotations
@@ -127,10 +131,12 @@ class StageRun:
             "metrics": [],
             "artifacts": [],
             "status": "RUNNING",
+            "start_ms": int(time.time() * 1000),
         }
         self.client = None
         self.run_id: str | None = None
         self.offline = False
+        self.deferred = False
 
     # -- connection ----------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -143,7 +149,12 @@ class StageRun:
             exp_id = client.create_experiment(self.record["experiment"], **kwargs)
         else:
             exp_id = exp.experiment_id
-        run = client.create_run(exp_id, tags=self.record["tags"], run_name=self.record["run_name"])
+        run = client.create_run(
+            exp_id,
+            start_time=self.record["start_ms"],
+            tags=self.record["tags"],
+            run_name=self.record["run_name"],
+        )
         self.client, self.run_id = client, run.info.run_id
         self.record["run_id"] = self.run_id
         _log_params(client, self.run_id, self.record["params"])
@@ -187,13 +198,17 @@ class StageRun:
 
     def _finish(self, status: str) -> None:
         self.record["status"] = status
-        self._send(lambda: self.client.set_terminated(self.run_id, status))
+        self.record["end_ms"] = int(time.time() * 1000)
+        self._send(lambda: self.client.set_terminated(self.run_id, status, self.record["end_ms"]))
         if self.offline:
             out = _pending_dir(self.cfg) / f"{uuid.uuid4().hex}.json"
             atomic_write_json(self.record, out)
-            log.warning(
-                "MLflow run of this stage buffered at %s; it is replayed when the server is back", out
-            )
+            if self.deferred:
+                log.info("MLflow run buffered at %s (tracking.defer); the report stage sends it", out)
+            else:
+                log.warning(
+                    "MLflow run of this stage buffered at %s; it is replayed when the server is back", out
+                )
 
 
 class _NullRun(StageRun):
@@ -225,13 +240,21 @@ def _log_metrics(client, run_id: str, rows: list) -> None:
 
 
 def replay_pending(cfg: dict) -> int:
-    """Send runs buffered while the server was unreachable; returns how many were replayed."""
-    pending = sorted(_pending_dir(cfg).glob("*.json"))
+    """Send runs buffered while the server was unreachable (or deferred); returns how many were sent.
+
+    Each record is claimed by renaming it first, so two stages replaying at once never send one twice.
+    """
     done = 0
-    for path in pending:
-        rec = json.loads(path.read_text())
+    for path in sorted(_pending_dir(cfg).glob("*.json")):
+        claimed = path.with_suffix(f".sending-{os.getpid()}")
+        try:
+            path.rename(claimed)
+        except FileNotFoundError:  # another process took it
+            continue
+        rec = json.loads(claimed.read_text())
         run = StageRun(cfg, rec["tags"].get("ccalign.stage", "stage"), dict(rec["tags"]), rec["params"])
-        run.record["experiment"], run.record["run_name"] = rec["experiment"], rec["run_name"]
+        run.record.update(experiment=rec["experiment"], run_name=rec["run_name"])
+        run.record["start_ms"] = rec.get("start_ms", run.record["start_ms"])
         run.record["tags"]["ccalign.replayed"] = "true"
         try:
             run._connect()
@@ -243,14 +266,15 @@ def replay_pending(cfg: dict) -> int:
             for p, ap in rec["artifacts"]:
                 if Path(p).exists():
                     run.client.log_artifact(run.run_id, p, ap)
-            run.client.set_terminated(run.run_id, rec["status"])
+            run.client.set_terminated(run.run_id, rec["status"], rec.get("end_ms"))
         except Exception as e:  # noqa: BLE001 - stays pending for the next try
+            claimed.rename(path)
             log.warning("replay of %s failed (%s); kept for later", path, type(e).__name__)
             break
-        path.unlink()
+        claimed.unlink()
         done += 1
     if done:
-        log.info("replayed %d buffered MLflow run(s)", done)
+        log.info("sent %d buffered MLflow run(s)", done)
     return done
 
 
@@ -261,8 +285,13 @@ def stage_run(
     tags: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
     inputs: dict[str, str | os.PathLike] | None = None,
+    defer: bool | None = None,
 ) -> Iterator[StageRun]:
-    """Record one stage as an MLflow run (rank 0 only); never lets tracking fail the stage."""
+    """Record one stage as an MLflow run (rank 0 only); never lets tracking fail the stage.
+
+    ``defer`` (default: the config's ``tracking.defer``) buffers the run under ``pending/`` without starting
+    MLflow; a stage that sends (``defer=False``) also sends every buffered run first.
+    """
     if int(os.environ.get("RANK", "0")) != 0:
         yield _NullRun()
         return
@@ -278,10 +307,15 @@ def stage_run(
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     all_params = {**flatten(cfg), **(params or {})}
     run = StageRun(cfg, stage, all_tags, all_params)
-    try:
-        run._connect()
-    except Exception as e:  # noqa: BLE001 - offline mode
-        run._go_offline(e)
+    if defer is None:
+        defer = bool((cfg.get("tracking") or {}).get("defer", False))
+    if defer:
+        run.offline = run.deferred = True
+    else:
+        try:
+            run._connect()
+        except Exception as e:  # noqa: BLE001 - offline mode
+            run._go_offline(e)
     if not run.offline:
         with contextlib.suppress(Exception):
             replay_pending(cfg)

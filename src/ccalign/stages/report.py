@@ -31,7 +31,9 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
     )
     aggs = report.aggregate(rows)
     paper = {m: (spec.get("paper") or {}).get("rows", []) for m, spec in cfg["models"].items()}
-    with stage_run(cfg, "report", inputs={f"metrics{i}": p for i, p in enumerate(args.metrics)}) as run:
+    inputs = {f"metrics{i}": p for i, p in enumerate(args.metrics)}
+    # the DAG's last job sends its own run live, and with it every run the other stages buffered
+    with stage_run(cfg, "report", inputs=inputs, defer=False) as run:
         report.plot_fid_is(aggs, out / "fid_is.png")
         first_seed = min(r["seed"] for r in rows)
         for path in args.metrics:
