@@ -18,15 +18,16 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(VENV)/bin/snakemake --profile workflow/profiles/local --configfile $(CONFIG)
 
-## test: lint, then the whole test suite (pytest exit code 5, "no tests collected", counts as failure-free)
+## test: lint, then the whole test suite with the integration tests (pytest exit code 5 counts as failure-free)
 test: $(STAMP) lint
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	CCALIGN_INTEGRATION=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-## test-integration: real Slurm cluster, MLflow server + UI in Chromium, DVC remote (installs Debian packages)
+## test-integration: only the integration tests (real Slurm cluster, MLflow server + UI, DVC remote)
 test-integration: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests/integration
 

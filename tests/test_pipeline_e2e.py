@@ -143,6 +143,7 @@ def test_dvc_repro_reproduces_the_smoke_pipeline(tmp_path):
     # DVC runs stages one at a time: keep one family to bound the time (the Snakemake test runs both).
     smoke = yaml.safe_load((repo / "config" / "smoke.yaml").read_text())
     del smoke["models"]["var_tiny"], smoke["tokenizers"]["msvq_tiny"]
+    smoke["tracking"]["defer"] = True  # no MLflow start-up per stage; the report stage sends every run
     (repo / "config" / "smoke.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
     run(["git", "init", "-q"], cwd=repo)
     run([str(BIN / "dvc"), "init", "-q"], cwd=repo)
@@ -155,3 +156,8 @@ def test_dvc_repro_reproduces_the_smoke_pipeline(tmp_path):
     assert "Data and pipelines are up to date" in run([str(BIN / "dvc"), "status"], cwd=repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(yaml.safe_load(dvc_yaml)["stages"])
+    # deferred tracking: nothing left buffered, one finished MLflow run per DVC stage
+    assert not list((repo / "data" / "mlflow" / "pending").iterdir())
+    db = sqlite3.connect(repo / "data" / "mlflow" / "mlflow.db")
+    statuses = [s for (s,) in db.execute("SELECT status FROM runs")]
+    assert statuses == ["FINISHED"] * len(lock["stages"])

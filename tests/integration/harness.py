@@ -53,6 +53,15 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def keep_one_family(ws: Path, family: str = "llamagen") -> str:
+    """Rewrite the workspace's smoke config to ``family``'s models and tokenizers only (half the jobs)."""
+    cfg = yaml.safe_load((ws / SMOKE).read_text())
+    for section in ("models", "tokenizers"):
+        cfg[section] = {k: v for k, v in cfg[section].items() if v["family"] == family}
+    (ws / SMOKE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return family
+
+
 def require_pipeline() -> None:
     missing = [p for p in ("Snakefile", SMOKE) if not (REPO / p).exists()]
     if missing:

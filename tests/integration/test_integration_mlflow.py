@@ -14,6 +14,7 @@ from harness import (
     experiment_id,
     get_artifact,
     job_counts,
+    keep_one_family,
     list_artifacts,
     read_summary,
     run,
@@ -72,6 +73,7 @@ def test_metrics_and_artifacts_match_the_files(smoke_run):
 def test_server_outage_mid_run_loses_no_records(mlflow_server_factory, tmp_path, artifacts_dir):
     """Stop the server while the DAG runs: the DAG completes, buffered runs are replayed once it is back."""
     ws = copy_repo(tmp_path / "repo")
+    keep_one_family(ws)
     server = mlflow_server_factory(tmp_path / "mlflow-server")
     exp_name, data_root = smoke_experiment(ws), load_config(ws / SMOKE)["data_root"]
     env = base_env(MLFLOW_TRACKING_URI=server.uri)

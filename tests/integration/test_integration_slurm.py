@@ -19,6 +19,7 @@ from harness import (
     copy_repo,
     experiment_id,
     job_counts,
+    keep_one_family,
     read_summary,
     run,
     search_runs,
@@ -73,6 +74,7 @@ def test_smoke_dag_on_slurm_matches_local_run(
     slurm_cluster, smoke_run, mlflow_server_factory, tmp_path, artifacts_dir
 ):
     ws = copy_repo(tmp_path / "repo")
+    family = keep_one_family(ws)  # every rule still runs; the other family's jobs would only add queue time
     profile = slurm_test_profile(ws, slurm_cluster)
     server = mlflow_server_factory(tmp_path / "mlflow-server")
     log = artifacts_dir / "slurm_smoke.log"
@@ -93,7 +95,8 @@ def test_smoke_dag_on_slurm_matches_local_run(
     runs = search_runs(server.uri, experiment_id(server.uri, load_config(ws / SMOKE)["experiment"]))
     assert sorted(r["tags"].get("slurm.job_id", "") for r in runs) == sorted(ids)
 
-    assert comparable(read_summary(ws)) == comparable(read_summary(smoke_run.ws))
+    local = [r for r in read_summary(smoke_run.ws) if r["family"] == family]
+    assert comparable(read_summary(ws)) == comparable(local)
 
 
 # -- the paper config's fine-tuning jobs as the plugin submits them ------------------------------------------
