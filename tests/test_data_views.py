@@ -77,6 +77,14 @@ def test_center_crop_and_normalisation_match_golden():
     assert torch.equal(x.flip(-1), g["normalized_hflip_chw"])
 
 
+def test_both_official_normalisations_are_one_function():
+    """LlamaGen's (x/255 - 0.5)/0.5 and VAR's 2·x/255 - 1 agree bit for bit on every uint8 value."""
+    values = np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2)  # (H=1, W=256, 3)
+    x = torch.from_numpy(values).float().div(255)
+    assert torch.equal(to_model_input(values)[0], x[..., 0].sub(0.5).div(0.5))
+    assert torch.equal(to_model_input(values)[0], x[..., 0].mul(2).sub(1))
+
+
 def test_tencrop_gives_ten_views_per_crop_range():
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))

@@ -338,10 +338,14 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 
 def to_model_input(pil_image: Image.Image) -> torch.Tensor:
-    """ToTensor + Normalize(0.5, 0.5): HWC uint8 image -> (3, H, W) float32 in [-1, 1]."""
-    arr = np.asarray(pil_image.convert("RGB"), dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().float().div(255)
-    return x.sub(0.5).div(0.5)
+    """ToTensor + Normalize(0.5, 0.5): HWC uint8 image -> (3, H, W) float32 in [-1, 1].
+
+    ``(x/255 - 0.5) / 0.5`` equals the cache's ``2·x/255 - 1`` bit for bit (scaling by 2 is exact and commutes
+    with rounding), so one function serves the official transform and the code cache.
+    """
+    from ccalign.data import views  # views imports this module's center_crop_arr
+
+    return views.to_model_input(np.array(pil_image.convert("RGB"), dtype=np.uint8))
 
 
 def preprocess(pil_image: Image.Image, image_size: int) -> torch.Tensor:
