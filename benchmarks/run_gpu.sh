@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU runs behind BENCHMARKS.md's GPU tables (one H100, lent through the device tool, 10 minutes a call):
+# The GPU runs behind BENCHMARKS.md's GPU tables (taken on one H100 in calls of at most 10 minutes):
 #
 #   PYTHONPATH=src benchmarks/run_gpu.sh OUT_DIR SECONDS STEP...
 #
 # STEPs: llamagen-eager llamagen-compile train var tokenize sample evaluate (and smoke: toy sizes of the
 # compile, tokenize, sample and evaluate paths, in parallel, correctness only). Each step runs under `timeout`
-# within SECONDS for the whole call; its table goes to OUT_DIR. The device image lacks torch-fidelity and
-# jsonschema: they travel as wheels, installed with `pip install --no-deps --target /tmp/site` and put on
+# within SECONDS for the whole call; its table goes to OUT_DIR. On an image without torch-fidelity and
+# jsonschema, install them as wheels with `pip install --no-deps --target /tmp/site` and put that on
 # PYTHONPATH before src.
 set -u
 out=$1
