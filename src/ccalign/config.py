@@ -117,10 +117,16 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def entry(cfg: dict, section: str, name: str) -> dict:
+    """``cfg[section][name]`` (``section``: "models" or "tokenizers"), or a ConfigError listing the names."""
+    entries = cfg.get(section) or {}
+    if name not in entries:
+        raise ConfigError(f"{section[:-1]} {name!r} is not in the config's {section}: {sorted(entries)}")
+    return entries[name]
+
+
 def model_settings(cfg: dict, model: str, section: str) -> dict:
     """Top-level ``cfg[section]`` defaults overlaid with ``cfg["models"][model][section]``."""
-    if model not in cfg["models"]:
-        raise ConfigError(f"model {model!r} is not in the config's models: {sorted(cfg['models'])}")
     merged = copy.deepcopy(cfg.get(section) or {})
-    merged.update(copy.deepcopy(cfg["models"][model].get(section) or {}))
+    merged.update(copy.deepcopy(entry(cfg, "models", model).get(section) or {}))
     return merged

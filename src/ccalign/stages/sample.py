@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ccalign.config import ConfigError
+from ccalign.config import ConfigError, entry
 from ccalign.device import resolve_device
 from ccalign.families import get_family
 from ccalign.io import atomic_write_json, sha256_file
@@ -65,9 +65,7 @@ def sampling_options(family, model_cfg: dict) -> tuple[dict, int | None]:
 
 def load(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple:
     """Check the inputs, load model and tokenizer; returns (family, model, tokenizer, spec)."""
-    if args.model not in cfg["models"]:
-        raise ConfigError(f"model {args.model!r} is not in the config's models: {sorted(cfg['models'])}")
-    model_cfg = cfg["models"][args.model]
+    model_cfg = entry(cfg, "models", args.model)
     if model_cfg["tokenizer"] not in cfg["tokenizers"]:
         raise ConfigError(
             f"model {args.model!r} names tokenizer {model_cfg['tokenizer']!r}, which is not in "

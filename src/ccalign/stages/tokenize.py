@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ccalign.config import entry
 from ccalign.data.cache import CachePlan, extract, finalize, select_shards
 from ccalign.data.folder import list_image_folder
 from ccalign.data.views import ViewSpec
@@ -69,11 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tokenizer_settings(cfg: dict, name: str, family: str | None = None) -> dict:
     """``cfg.tokenizers[name]`` checked against the requested family."""
-    if name not in cfg.get("tokenizers", {}):
-        raise ValueError(
-            f"tokenizer {name!r} is not in the config's tokenizers: {sorted(cfg.get('tokenizers', {}))}"
-        )
-    tcfg = cfg["tokenizers"][name]
+    tcfg = entry(cfg, "tokenizers", name)
     if family is not None and family != tcfg["family"]:
         raise ValueError(f"--family {family} but tokenizers.{name}.family is {tcfg['family']}")
     return tcfg

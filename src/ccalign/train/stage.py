@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
+from ccalign.config import entry
 from ccalign.data.dataset import CodeDataset
 from ccalign.families import get_family
 from ccalign.log import get_logger
@@ -14,6 +16,15 @@ from ccalign.train.loop import TrainResult, train
 from ccalign.train.settings import resolve_settings
 
 log = get_logger("train.stage")
+
+
+def add_arguments(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """The flags both training stages take; ``seed_help`` says what the seed decides in this stage."""
+    parser.add_argument("--model", required=True, metavar="NAME", help="entry of cfg.models")
+    parser.add_argument("--seed", type=int, required=True, help=seed_help)
+    parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint")
+    parser.add_argument("--cache", required=True, metavar="DIR", help="code cache directory")
+    parser.add_argument("--out", required=True, metavar="PATH", help="model.pt (official layout)")
 
 
 def state_dir_for(out: str | Path) -> Path:
@@ -40,9 +51,7 @@ def run_stage(
     Without ``base`` the model is built fresh (seeded by ``seed``); with it, the policy and the frozen
     reference are both loaded from ``base``.
     """
-    if model_name not in cfg["models"]:
-        raise ValueError(f"model {model_name!r} is not in the config's models: {sorted(cfg['models'])}")
-    mcfg = cfg["models"][model_name]
+    mcfg = entry(cfg, "models", model_name)
     family = get_family(mcfg["family"])
     run_values = {"objective": objective} | ({"lam": lam} if lam is not None else {})
     settings = resolve_settings(cfg, model_name, stage, **run_values)
