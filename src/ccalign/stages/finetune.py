@@ -9,28 +9,22 @@ from __future__ import annotations
 import argparse
 
 from ccalign.align.losses import OBJECTIVES
-from ccalign.train.stage import run_stage
+from ccalign.train import stage as training
 
 HELP = "fine-tune a base model with CCA / DPO / unlearning (torchrun DDP or FSDP; resumable)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME", help="entry of cfg.models")
-    parser.add_argument(
-        "--seed", type=int, required=True, help="run seed (data order, uncond masks, dropout)"
-    )
+    training.add_arguments(parser, seed_help="run seed (data order, uncond masks, dropout)")
     parser.add_argument("--objective", required=True, choices=OBJECTIVES, help="alignment objective")
     parser.add_argument("--lam", type=float, required=True, metavar="FLOAT", help="λ (ignored by dpo)")
     parser.add_argument(
         "--base", required=True, metavar="PATH", help="base model checkpoint (any official layout)"
     )
-    parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint")
-    parser.add_argument("--cache", required=True, metavar="DIR", help="code cache directory")
-    parser.add_argument("--out", required=True, metavar="PATH", help="fine-tuned model.pt (official layout)")
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
-    run_stage(
+    training.run_stage(
         cfg,
         stage="finetune",
         model_name=args.model,

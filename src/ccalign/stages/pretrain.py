@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from ccalign.train.stage import run_stage
+from ccalign.train import stage as training
 
 HELP = "pre-train a fresh model by maximum likelihood with class dropout (same loop as finetune; resumable)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME", help="entry of cfg.models")
-    parser.add_argument("--seed", type=int, required=True, help="run seed (initial weights, data order)")
-    parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer checkpoint")
-    parser.add_argument("--cache", required=True, metavar="DIR", help="code cache directory")
-    parser.add_argument("--out", required=True, metavar="PATH", help="model.pt (official layout)")
+    training.add_arguments(parser, seed_help="run seed (initial weights, data order)")
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
-    run_stage(
+    training.run_stage(
         cfg,
         stage="pretrain",
         model_name=args.model,
