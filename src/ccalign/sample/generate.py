@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ccalign.io import sha256_bytes
+from ccalign.tokenizers import llamagen_vq
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODE_BATCH = 8  # rows per decoder call (see decode_fixed_batches): small enough for 384 px on any GPU
@@ -73,17 +74,12 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
     return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
 
 
-def llamagen_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """LlamaGen's sample_c2i_ddp.py: clamp(127.5 x + 128, 0, 255), truncated; (B,3,H,W) -> (B,H,W,3) uint8."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
-
-
 def var_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """VAR's sampler: the decoder's [-1, 1] output -> (x + 1) * 0.5 -> * 255, truncated to uint8."""
     return images.clamp(-1, 1).add(1).mul(0.5).permute(0, 2, 3, 1).mul(255).to(torch.uint8)
 
 
-PIXEL_CONVERSIONS = {"llamagen": llamagen_to_uint8, "var": var_to_uint8}
+PIXEL_CONVERSIONS = {"llamagen": llamagen_vq.to_uint8, "var": var_to_uint8}
 
 
 def to_uint8(family: str, images: torch.Tensor, size: int | None = None) -> np.ndarray:
