@@ -124,11 +124,17 @@ def train(
     accum, micro = s.accumulation(env.world_size), s.micro(env.world_size)
     seq_len, num_classes = family.seq_len(model), family.num_classes(model)
     check_dataset(dataset, vocab_size=family.vocab_size(model), seq_len=seq_len, num_classes=num_classes)
-    steps_per_epoch = len(dataset) // s.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset has {len(dataset)} items, fewer than one global batch ({s.global_batch})")
-    total = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
     seed = seed + s.seed_offset
+    sampler = StepSampler(  # refuses a dataset smaller than one global batch
+        len(dataset),
+        global_batch=s.global_batch,
+        micro_batch=micro,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=seed,
+    )
+    steps_per_epoch = sampler.steps_per_epoch
+    total = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
     torch.manual_seed(seed * env.world_size + env.rank)  # per-rank dropout streams, as the official scripts
 
     # policy (trainable, wrapped for DDP/FSDP), frozen reference, frozen tokenizer
@@ -236,14 +242,6 @@ def train(
             scaler.scale(loss / accum).backward()
         return metrics
 
-    sampler = StepSampler(
-        len(dataset),
-        global_batch=s.global_batch,
-        micro_batch=micro,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=seed,
-    )
     loader = DataLoader(  # its own generator: starting an iterator must not draw from the global RNG
         dataset,
         batch_sampler=sampler,
@@ -297,9 +295,7 @@ def train(
 
         if done % s.log_every == 0 or done == total:
             images = window.steps * s.global_batch
-            tokens = (
-                images * seq_len * (2 if contrastive else 1)
-            )  # policy tokens: [pos; neg] when contrastive
+            tokens = images * seq_len * (2 if contrastive else 1)  # policy tokens: [pos; neg] if contrastive
             last, seconds = window.read(env.device)
             last.update(
                 lr=lr,
