@@ -62,9 +62,8 @@ class CodeDataset(Dataset):
         """Choose this epoch's view of every image (uniform, from (seed, epoch))."""
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
-        self.view_of = rng.integers(
-            0, self.num_views, size=len(self), dtype=np.int32
-        )  # (N,) this epoch's views
+        # (N,) this epoch's view of every image
+        self.view_of = rng.integers(0, self.num_views, size=len(self), dtype=np.int32)
 
     def __len__(self) -> int:
         return int(self._starts[-1])

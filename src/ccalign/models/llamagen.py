@@ -189,9 +189,8 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
     """
     half = head_dim // 2
     cpu = torch.device("cpu")  # built on CPU in float32 whatever the default device; moved on first use
-    freqs = 1.0 / (
-        base ** (torch.arange(0, half, 2, device=cpu)[: half // 2].float() / half)
-    )  # (head_dim/4,)
+    exponents = torch.arange(0, half, 2, device=cpu)[: half // 2].float() / half  # (head_dim/4,)
+    freqs = 1.0 / (base**exponents)
     pos = torch.arange(grid_size, device=cpu).float()
     angles = torch.outer(pos, freqs)  # (grid, head_dim/4)
     grid = torch.cat(

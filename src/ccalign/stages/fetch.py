@@ -55,9 +55,8 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         tags = {"ccalign.run_name": f"fetch:{key}", "artifact": key, "origin": a.origin}
         declared = {"file": a.file, "origin": a.origin, "size": a.size, "sha256": a.sha256}
         declared.update({"revision": a.revision} if a.hf_repo else {})
-        params = {
-            f"artifact.{k}": "null" if v is None else v for k, v in declared.items()
-        }  # as in the manifest
+        # as the manifest declares them ("null" where it leaves a value open)
+        params = {f"artifact.{k}": "null" if v is None else v for k, v in declared.items()}
         with stage_run(cfg, stage="fetch", tags=tags, params=params) as run:
             try:
                 got = fetch(a, args.dest, lock_path=args.lock, offline=args.offline, cache_dir=args.cache_dir)
