@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit import close
 
 from ccalign.align.losses import (
     cca_loss,
@@ -17,17 +18,6 @@ from ccalign.align.losses import (
     sequence_logp,
     sequence_logp_naive,
 )
-
-
-def close(actual, expected, *, atol=0.0, rtol=1e-5, what=""):
-    torch.testing.assert_close(
-        torch.as_tensor(actual).float(),
-        torch.as_tensor(expected).float(),
-        atol=atol,
-        rtol=rtol,
-        msg=lambda m: f"{what}: {m}",
-    )
-
 
 # ------------------------------------------------------------------------------------------------ naive path
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import tiny_tokenizers
 from torch.utils.data import DataLoader
 
 from ccalign.data.cache import CachePlan, extract, finalize, select_shards, verify_cache, write_shard
@@ -20,18 +21,7 @@ from ccalign.families import get_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# tiny tokenizers of the real classes, random init (8×8 images → 4×4 latent grid)
-TINY = {
-    "llamagen": dict(
-        codebook_size=64,
-        codebook_embed_dim=8,
-        encoder_ch_mult=[1, 1],
-        decoder_ch_mult=[1, 1],
-        z_channels=16,
-        ch=32,
-    ),
-    "var": dict(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 1], v_patch_nums=[1, 2, 4]),
-}
+TINY = tiny_tokenizers()
 SHIFTS = ViewSpec.from_dict({"mode": "shifts", "pad": 1}, image_size=8)
 
 

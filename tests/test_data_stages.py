@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import tiny_tokenizers
 
 from ccalign.data.dataset import CodeDataset
 from ccalign.data.digits import load_digits_uint8
@@ -26,17 +27,7 @@ from ccalign.stages import cache_verify, prepare_data, tokenize, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "llamagen": dict(
-        codebook_size=64,
-        codebook_embed_dim=8,
-        encoder_ch_mult=[1, 1],
-        decoder_ch_mult=[1, 1],
-        z_channels=16,
-        ch=32,
-    ),
-    "var": dict(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 1], v_patch_nums=[1, 2, 4]),
-}
+TINY = tiny_tokenizers()
 
 
 def make_cfg(tmp_path: Path, num_classes: int = 10, **tokenizers) -> dict:

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import close
 
 from ccalign.align.losses import make_negatives, sequence_logp
 from ccalign.align.step import TeacherForcing, contrastive_step
 from ccalign.families import get_family
+from ccalign.io import load_torch
 
 FAMILY = get_family("var")
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
 
 
 @functools.cache
@@ -45,27 +43,17 @@ def models(set_dir: Path):
     )
     tokenizer = FAMILY.load_tokenizer(set_dir / "vqvae_state_dict.pt", tok_args)
     reference = FAMILY.load_model(set_dir / "var_state_dict.pt", model_args)
-    policy_state = {**reference.state_dict(), **load(set_dir / "cca_e2e.pt")["policy_state_dict_delta"]}
+    policy_state = {**reference.state_dict(), **load_torch(set_dir / "cca_e2e.pt")["policy_state_dict_delta"]}
     return config, tokenizer, model_args, reference, policy_state
-
-
-def close(actual, expected, *, atol, rtol, what):
-    torch.testing.assert_close(
-        torch.as_tensor(actual).float(),
-        torch.as_tensor(expected).float(),
-        atol=atol,
-        rtol=rtol,
-        msg=lambda m: f"{what}: {m}",
-    )
 
 
 @pytest.mark.golden_files("cca_e2e.pt")
 def test_var_cca_e2e_step(var_set: Path):
     config, tokenizer, model_args, reference, policy_state = models(var_set)
-    e2e = load(var_set / "cca_e2e.pt")
-    images = load(var_set / "vqvae_io.pt")["images"]
+    e2e = load_torch(var_set / "cca_e2e.pt")
+    images = load_torch(var_set / "vqvae_io.pt")["images"]
     codes = FAMILY.encode(tokenizer, images)  # (B, L)
-    assert torch.equal(codes, load(var_set / "vqvae_io.pt")["gt_BL"])
+    assert torch.equal(codes, load_torch(var_set / "vqvae_io.pt")["gt_BL"])
     labels, num_classes = e2e["label_B"], FAMILY.num_classes(reference)
     B, T = codes.shape
     ref_lm = TeacherForcing(FAMILY, reference, tokenizer)

@@ -15,15 +15,12 @@ import torch
 from PIL import Image
 
 from ccalign.families import get_family
+from ccalign.io import load_torch
 from ccalign.models.checkpoint import load_state_dict_strict
 from ccalign.models.llamagen import Transformer, sampling_probs
 from ccalign.tokenizers.llamagen_vq import center_crop_arr, preprocess, to_model_input, to_uint8
 
 ATOL = 1e-4  # logits / activations / decoded images (README section 8)
-
-
-def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class GoldenSet:
@@ -33,7 +30,7 @@ class GoldenSet:
         self.family = get_family("llamagen")
 
     def pt(self, name: str) -> dict:
-        return _load(self.root / name)
+        return load_torch(self.root / name)
 
     def gpt(self) -> Transformer:
         model = self.family.build_model(self.cfg["gpt_model_args"])

@@ -11,34 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import close
 
 from ccalign.align.losses import (
     make_negatives,
     preference_loss,
     sequence_logp,
 )
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-def close(actual, expected, *, atol=0.0, rtol=1e-5, what=""):
-    torch.testing.assert_close(
-        torch.as_tensor(actual).float(),
-        torch.as_tensor(expected).float(),
-        atol=atol,
-        rtol=rtol,
-        msg=lambda m: f"{what}: {m}",
-    )
-
+from ccalign.io import load_torch
 
 # ------------------------------------------------------------------------------------------------ LlamaGen
 
 
 @pytest.mark.parametrize("path", ["uncond", "nouncond"])
 def test_llamagen_cca_loss(llamagen_set: Path, path: str):
-    d = load(llamagen_set / "cca_loss.pt")
+    d = load_torch(llamagen_set / "cca_loss.pt")
     p = f"{path}/"
     z = d["z_indices"]
     B, T = z.shape
@@ -103,7 +90,7 @@ def test_llamagen_cca_loss(llamagen_set: Path, path: str):
 
 
 def test_var_cca_loss_random(var_set: Path):
-    d = load(var_set / "cca_loss_random.pt")
+    d = load_torch(var_set / "cca_loss_random.pt")
     gt = d["gt_BL"]
     B, T = gt.shape
     assert torch.equal(torch.cat(d["gt_idx_Bl"], dim=1), gt)

@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ccalign.io import load_torch
 from ccalign.models.var import VAR, VARConfig, VARFamily
 from ccalign.tokenizers.var_vqvae import VQVAE, VQVAEConfig
 
 FAMILY = VARFamily()
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
 
 
 def tokenizer_args(config: dict) -> dict:
@@ -68,17 +65,17 @@ def test_config_derivations(golden):
     assert tokenizer.cfg.downsample == derived["downsample"]
     assert list(tokenizer.phi_index_per_scale) == derived["phi_index_per_scale"]
     assert model.class_emb.num_embeddings == config["var_forward"]["uncond_label"] + 1
-    ref = load(set_dir / "var_state_dict.pt")
+    ref = load_torch(set_dir / "var_state_dict.pt")
     assert list(model.state_dict()) == list(ref), (
         "state-dict keys or their order differ from the official model"
     )
-    ref_vq = load(set_dir / "vqvae_state_dict.pt")
+    ref_vq = load_torch(set_dir / "vqvae_state_dict.pt")
     assert list(tokenizer.state_dict()) == list(ref_vq)
 
 
 def test_tokenizer_codes_exact(golden):
     set_dir, config, tokenizer, _ = golden
-    io = load(set_dir / "vqvae_io.pt")
+    io = load_torch(set_dir / "vqvae_io.pt")
     assert list(io["phi_index_per_scale"]) == list(tokenizer.phi_index_per_scale)
     with torch.no_grad():
         close(tokenizer.features(io["images"]), io["f_BChw"], atol=1e-5, rtol=2e-5)
@@ -92,7 +89,7 @@ def test_tokenizer_codes_exact(golden):
 
 def test_teacher_forcing_input_and_fhat(golden):
     set_dir, _, tokenizer, _ = golden
-    io = load(set_dir / "vqvae_io.pt")
+    io = load_torch(set_dir / "vqvae_io.pt")
     with torch.no_grad():
         close(tokenizer.codes_to_var_input(io["gt_idx_Bl"]), io["x_BLCv_wo_first_l"], atol=1e-5)
         fhat = torch.stack(tokenizer.codes_to_fhat(io["gt_idx_Bl"], every_scale=True))
@@ -102,7 +99,7 @@ def test_teacher_forcing_input_and_fhat(golden):
 
 def test_reconstruction(golden):
     set_dir, _, tokenizer, _ = golden
-    io = load(set_dir / "vqvae_io.pt")
+    io = load_torch(set_dir / "vqvae_io.pt")
     with torch.no_grad():
         # decode = tokenizer.decode_codes(tokenizer.split_codes(codes))
         close(FAMILY.decode(tokenizer, io["gt_BL"]), io["recon_img"], atol=1e-4)
@@ -110,7 +107,7 @@ def test_reconstruction(golden):
 
 def test_forward_logits(golden):
     set_dir, config, tokenizer, model = golden
-    fw = load(set_dir / "var_forward.pt")
+    fw = load_torch(set_dir / "var_forward.pt")
     assert fw["label_B"].tolist() == config["var_forward"]["label_B"]
     assert (fw["uncond_label_B"] == config["var_forward"]["uncond_label"]).all()
     with torch.no_grad():
@@ -137,7 +134,7 @@ def test_forward_logits(golden):
 
 def test_class_dropout_only_in_training(golden):
     set_dir, config, _, model = golden
-    fw = load(set_dir / "var_forward.pt")
+    fw = load_torch(set_dir / "var_forward.pt")
     args = dict(model_args(config), cond_drop_rate=1.0, drop_path_rate=0.0, drop_rate=0.0, attn_drop_rate=0.0)
     always_drop = VAR(VARConfig(**args))
     always_drop.load_state_dict(model.state_dict())
@@ -150,13 +147,13 @@ def test_class_dropout_only_in_training(golden):
 
 
 def test_greedy_generation(var_set: Path):
-    for run_key in load(var_set / "var_infer.pt")["runs"]:
+    for run_key in load_torch(var_set / "var_infer.pt")["runs"]:
         check_greedy_generation(var_set, run_key)
 
 
 def check_greedy_generation(set_dir: Path, run_key: str):
     config, tokenizer, model = fixture(set_dir)
-    infer = load(set_dir / "var_infer.pt")
+    infer = load_torch(set_dir / "var_infer.pt")
     run, args = infer["runs"][run_key], infer["runs"][run_key]["args"]
     labels = torch.as_tensor(args["label_B"])
     assert torch.equal(labels, infer["label_B"]) and args["B"] == len(labels)
