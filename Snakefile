@@ -1,16 +1,11 @@
 # ccalign: CCA fine-tuning of LlamaGen and VAR, from raw images to a results table.
 #   snakemake --profile workflow/profiles/local                      # embedded default, this machine
 #   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml   # ImageNet on Slurm
+# The config is read by ccalign.config (--configfile, several merged in order; --config overrides reach every
+# job); the default is config/config.yaml.
 from snakemake.utils import min_version
 
 min_version("9.0")
-
-
-# The embedded default, unless --configfile names another experiment (configs are not merged).
-if "experiment" not in config:
-
-    configfile: "config/config.yaml"
-
 
 
 include: "workflow/rules/common.smk"

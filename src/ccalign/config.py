@@ -1,7 +1,12 @@
-"""Load, override and validate one experiment's config.
+"""Load, override, validate and resolve one experiment's config.
 
-The schema is ``workflow/schemas/config.schema.yaml``, the same file the Snakefile validates with, so the CLI
-and the workflow accept exactly the same configs. Defaults declared in the schema are filled in.
+A config is one or more YAML files, merged in order as Snakemake merges ``--configfile``s, then ``--set
+key=value`` overrides. The schema ``workflow/schemas/config.schema.yaml`` (the Snakefile validates with the
+same code) is the only home of defaults. *Resolving* gives every model complete ``pretrain``, ``finetune``
+and ``sample`` sections — the top-level section overlaid with the model's own, then the schema's defaults —
+so the code reads one finished mapping and never merges or defaults anything itself.
+
+Every error is one :class:`ConfigError` line naming the file (or the ``--set`` argument) and the key.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import contextlib
 import copy
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,14 +25,101 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+MODEL_SECTIONS = ("pretrain", "finetune", "sample")  # top-level defaults that each model may override
 
 
 class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file, the key and what was expected."""
+    """A config that cannot be used; the message names the file or --set argument, and the key."""
 
 
+# -- reading ------------------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """One config file as a mapping; a syntax error or duplicate key names ``file:line:column``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, update: dict) -> dict:
+    """``base`` deep-updated with ``update`` (mappings merge key by key, anything else replaces); new dict."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A value as YAML (numbers, lists, mappings, null); ``3e-5`` is a number (YAML 1.1 reads a string)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"not a valid YAML value: {getattr(e, 'problem', None) or e}") from None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` → (["a", "b"], 3); the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    if not key or "" in key.split("."):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        return key.split("."), parse_value(text)
+    except ValueError as e:
+        raise ConfigError(f"--set {item!r}: {e}") from None
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """Set each ``key=value`` in ``cfg`` (in place), creating mappings on the way."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = cfg
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        node[path[-1]] = value
+    return cfg
+
+
+# -- validation ---------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
-def _schema() -> dict:
+def schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
@@ -44,75 +137,116 @@ def _with_defaults(cls):
     return jsonschema.validators.extend(cls, {"properties": set_defaults})
 
 
-_Validator = _with_defaults(jsonschema.Draft202012Validator)
+_Checker = jsonschema.Draft202012Validator
+_Filler = _with_defaults(jsonschema.Draft202012Validator)
 
 
-def _key(path) -> str:
+def defaults(definition: str) -> dict:
+    """The schema defaults of ``$defs/<definition>`` (e.g. the resources every job gets)."""
+    props = schema()["$defs"][definition]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
+def _dotted(path: Sequence) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def validate(cfg: dict, source: str = "<config>") -> dict:
-    """Fill defaults into ``cfg`` and check it; raise :class:`ConfigError` naming the first bad key."""
-    errors = sorted(_Validator(_schema()).iter_errors(cfg), key=lambda e: (len(e.path), list(e.path)))
-    if errors:
-        e = errors[0]
-        if e.validator == "additionalProperties":
-            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
-            where = _key(e.path)
-            raise ConfigError(
-                f"{source}: unknown key {', '.join(repr(x) for x in extra)} under {where}; "
-                f"allowed: {', '.join(sorted(e.schema.get('properties', {})))}"
-            )
-        expected = "; ".join(str(x) for x in (e.schema.get("type"), e.schema.get("description")) if x)
-        raise ConfigError(
-            f"{source}: {_key(e.path)}: {e.message}" + (f" (expected: {expected})" if expected else "")
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line for a schema violation: the key and what was expected, never the schema itself."""
+    key = _dotted(error.path)
+    sub = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(sub.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"unknown key {', '.join(repr(x) for x in extra)} under {key}" + (
+            f"; allowed: {', '.join(allowed)}" if allowed else ""
         )
+    if error.validator == "required":
+        return f"{key}: {error.message}"
+    what = sub.get("description")
+    value = json.dumps(error.instance, default=str)
+    if len(value) > 60:
+        value = value[:57] + "..."
+    message = error.message if len(error.message) <= 120 else f"{value} is not valid"
+    return f"{key}: {message}" + (f" (expected: {what})" if what else "")
+
+
+def _first_error(validator_cls, cfg: dict) -> jsonschema.ValidationError | None:
+    errors = validator_cls(schema()).iter_errors(cfg)
+    return min(errors, key=lambda e: (len(e.path), list(map(str, e.path))), default=None)
+
+
+def _check_references(cfg: dict) -> str | None:
+    """Cross-references the schema cannot express; the message names the key."""
+    from ccalign.families import family_exists
+
+    for section in ("tokenizers", "models"):
+        for name, entry_ in cfg[section].items():
+            if not family_exists(entry_["family"]):
+                return f"{section}.{name}.family: unknown model family {entry_['family']!r}"
+    tokenizers = cfg["tokenizers"]
+    for name, m in cfg["models"].items():
+        tok = m["tokenizer"]
+        if tok not in tokenizers:
+            return (
+                f"models.{name}.tokenizer: {tok!r} is not one of the config's tokenizers {sorted(tokenizers)}"
+            )
+        if tokenizers[tok]["family"] != m["family"]:
+            return (
+                f"models.{name}.tokenizer: {tok!r} is a {tokenizers[tok]['family']} tokenizer, "
+                f"the model is {m['family']}"
+            )
+    return None
+
+
+def resolve(raw: dict, source: str = "<config>", overrides: Sequence[str] = ()) -> dict:
+    """Validate ``raw`` and return it resolved: every model's sections complete, every default filled.
+
+    ``source`` names the file(s) in error messages; an error on a key that an item of ``overrides`` set is
+    attributed to that ``--set`` argument instead.
+    """
+    cfg = copy.deepcopy(raw)
+    error = _first_error(_Checker, cfg)
+    if error is not None:
+        raise ConfigError(f"{_blame(error.path, source, overrides)}: {_describe(error)}")
+    for model in cfg["models"].values():
+        for section in MODEL_SECTIONS:
+            model[section] = merge(cfg.get(section) or {}, model.get(section) or {})
+    error = _first_error(_Filler, cfg)  # fills defaults; resolving cannot make a valid config invalid
+    if error is not None:
+        raise ConfigError(f"{_blame(error.path, source, overrides)}: {_describe(error)}")
+    problem = _check_references(cfg)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     return cfg
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"a.b=3"`` → (["a", "b"], 3); the value is parsed as YAML (numbers, lists, null...)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value")
-    key, value = item.split("=", 1)
-    if not key:
-        raise ConfigError(f"--set {item!r}: empty key")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):  # YAML 1.1 reads "3e-5" as a string; a number is meant
-        with contextlib.suppress(ValueError):
-            parsed = float(parsed)
-    return key.split("."), parsed
+def _blame(path: Sequence, source: str, overrides: Sequence[str]) -> str:
+    """The ``--set`` argument that set ``path`` (or a mapping above or below it), else ``source``."""
+    target = [str(p) for p in path]
+    for item in reversed(overrides):
+        key = item.partition("=")[0].split(".")
+        n = min(len(key), len(target))
+        if key[:n] == target[:n]:
+            return f"--set {item}"
+    return source
 
 
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = cfg
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
-        node[path[-1]] = value
-    return cfg
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> dict:
+    """Read one or more YAML configs (merged in order), apply ``--set`` overrides, validate and resolve."""
+    files = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not files:
+        raise ConfigError("no config file given")
+    raw: dict = {}
+    for f in files:
+        raw = merge(raw, read_yaml(f))
+    apply_overrides(raw, overrides)
+    return resolve(raw, " + ".join(str(f) for f in files), overrides)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict:
-    """Read a YAML config, apply ``--set`` overrides, validate against the schema and fill defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(cfg).__name__}")
-    apply_overrides(cfg, list(overrides))
-    return validate(cfg, str(path))
-
-
+# -- lookups ------------------------------------------------------------------------------------------------
 def config_hash(cfg: dict) -> str:
-    """Short sha256 of the resolved config (key order does not matter)."""
+    """Short sha256 of a config (key order does not matter)."""
     blob = json.dumps(cfg, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -125,8 +259,11 @@ def entry(cfg: dict, section: str, name: str) -> dict:
     return entries[name]
 
 
-def model_settings(cfg: dict, model: str, section: str) -> dict:
-    """Top-level ``cfg[section]`` defaults overlaid with ``cfg["models"][model][section]``."""
-    merged = copy.deepcopy(cfg.get(section) or {})
-    merged.update(copy.deepcopy(entry(cfg, "models", model).get(section) or {}))
-    return merged
+def lookup(cfg: dict, dotted: str) -> Any:
+    """The value at ``"a.b.c"`` (None where a key is missing)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

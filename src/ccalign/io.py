@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -56,6 +54,8 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
+    import torch  # this module serves torch-free stages too
+
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
@@ -94,8 +94,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load`` restricted to tensors and plain containers (never arbitrary pickle)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -6,14 +6,11 @@ import csv
 import io
 import json
 import math
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
-from ccalign.workflow import PATTERNS
 
 COLUMNS = [
     "family",
@@ -30,65 +27,41 @@ COLUMNS = [
     "sfid",
     "class_acc",
     "n_samples",
-    "images_per_s",
 ]
 METRICS = ["fid", "is", "precision", "recall", "sfid", "class_acc"]
 EVALUATE_KEYS = {"class_acc": "class_accuracy"}  # summary column → metrics.json key, where they differ
-# Guidance-free scale in each family's own convention.
-GUIDANCE_FREE = {"llamagen": 1.0, "var": 0.0}
-
-
-def _pattern_regex(pattern: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", pattern)
-    rx = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+?)" for i, p in enumerate(parts))
-    return re.compile(rx + "$")
-
-
-_EVAL = _pattern_regex(PATTERNS["evaluate"])
-
-
-def parse_metrics_path(path: str | Path) -> dict[str, str]:
-    """Wildcards of an evaluate output path (``.../eval/{family}/{model}/seed{seed}/{variant}/g{g}/...``)."""
-    m = _EVAL.search(Path(path).as_posix())
-    if not m:
-        raise ValueError(f"{path}: not an evaluate output (expected .../{PATTERNS['evaluate']})")
-    return m.groupdict()
-
-
-def samples_path(metrics_path: str | Path) -> Path:
-    """The samples.npz a metrics file was computed from (same wildcards, sample stage's pattern)."""
-    wc = parse_metrics_path(metrics_path)
-    s = Path(metrics_path).as_posix()
-    root = s[: s.rindex("eval/" + wc["family"])]
-    return Path(root + PATTERNS["sample"].format(**wc))
 
 
 def _num(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def row(metrics_path: str | Path) -> dict:
-    """One summary.csv row from a metrics.json and the sample stage's stats beside its samples."""
-    wc = parse_metrics_path(metrics_path)
+def read_metrics(path: str | Path) -> dict:
+    """One evaluate output (metrics.json): its labels say which model, variant and guidance it measures."""
     try:
-        m = json.loads(Path(metrics_path).read_text())
+        m = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{metrics_path}: unreadable metrics file ({e})") from e
-    variant = wc["variant"]
-    objective, lam = ("base", None) if variant == "base" else variant.split("_lam")
-    g = float(wc["guidance"])
-    stats_file = samples_path(metrics_path).with_name("samples.json")
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        raise ValueError(f"{path}: unreadable metrics file ({e})") from e
+    missing = {"family", "model", "seed", "objective", "guidance", "guided"} - set(m.get("labels") or {})
+    if missing:
+        raise ValueError(
+            f"{path}: metrics file without the labels {sorted(missing)} (made by an older ccalign?)"
+        )
+    return m
+
+
+def row(m: dict) -> dict:
+    """One summary.csv row from a metrics.json record."""
+    labels = m["labels"]
     out = {
-        "family": wc["family"],
-        "model": wc["model"],
-        "seed": int(wc["seed"]),
-        "objective": objective,
-        "lambda": None if lam is None else float(lam),
-        "guidance": g,
-        "guided": g != GUIDANCE_FREE[wc["family"]],
+        "family": labels["family"],
+        "model": labels["model"],
+        "seed": int(labels["seed"]),
+        "objective": labels["objective"],
+        "lambda": _num(labels.get("lambda")),
+        "guidance": float(labels["guidance"]),
+        "guided": labels["guided"] == "true",
         "n_samples": m.get("n"),
-        "images_per_s": _num(stats.get("images_per_s")),
     }
     values = m.get("metrics", {})
     out.update({k: _num(values.get(EVALUATE_KEYS.get(k, k))) for k in METRICS})
@@ -208,15 +181,15 @@ def plot_fid_is(aggs: list[dict], path: Path) -> None:
         f.write(buf.getvalue())
 
 
-def sample_grid(npz: Path, per_class: int, max_classes: int = 10) -> np.ndarray:
-    """(classes·H, per_class·W, 3) uint8 tile of the first samples of the first classes."""
-    with np.load(npz) as z:
-        images, labels = z["arr_0"], z["labels"]
-    classes = sorted(set(labels.tolist()))[:max_classes]
-    rows = []
-    for c in classes:
-        picked = images[labels == c][:per_class]
-        rows.append(np.concatenate(list(picked), axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate(rows, axis=0)
+def read_png(path: str | Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def upscale(image: np.ndarray, min_side: int = 512) -> np.ndarray:
+    """Nearest-neighbour upscale by the smallest integer factor that makes the shorter side ≥ ``min_side``
+    (8-pixel digits stay crisp squares; large grids are left as they are)."""
+    factor = max(1, -(-min_side // min(image.shape[:2])))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)

@@ -1,8 +1,10 @@
 """MLflow runs with lineage for every stage, robust to an unreachable tracking server.
 
 Every stage wraps its work in :func:`stage_run`. The run records the resolved config (flattened) as params,
-lineage tags (git commit and dirty flag, config hash, input hashes, Snakemake rule and wildcards, Slurm job
-id, the pipeline invocation's group id), metrics and artifacts. Only rank 0 of a torchrun job records.
+the job's labels as tags with the same keys for every stage (``stage``, ``family``, ``model``, ``seed``,
+``objective``, ``lambda``, ``guidance``, ...), lineage tags (git commit and dirty flag, config hash, input
+hashes, Slurm job id, the pipeline invocation's group id), metrics and artifacts. Its name reads like the
+experiment: ``sample · llamagen_tiny · cca λ=3 · g=1 · seed 0``. Only rank 0 of a torchrun job records.
 
 If the tracking server cannot be reached, or stops answering mid-run, the stage still completes: the whole
 run is kept in memory and written to ``<data_root>/mlflow/pending/*.json``; the next stage that reaches the
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ccalign.device import world
 from ccalign.io import atomic_write_json, sha256_file
 from ccalign.log import get_logger
 
@@ -92,11 +95,24 @@ def git_lineage() -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
+def run_name(stage: str, labels: dict[str, str]) -> str:
+    """``sample · llamagen_tiny · cca λ=3 · g=1 · seed 0`` from a job's labels."""
+    variant = labels.get("objective")
+    if variant and labels.get("lambda") is not None:
+        variant += f" λ={labels['lambda']}"
+    parts = [
+        stage,
+        labels.get("model") or labels.get("tokenizer") or labels.get("dataset") or labels.get("artifact"),
+        variant,
+        f"g={labels['guidance']}" if "guidance" in labels else None,
+        f"seed {labels['seed']}" if "seed" in labels else None,
+    ]
+    return " · ".join(p for p in parts if p)
+
+
 def environment_lineage() -> dict[str, str]:
-    """Snakemake rule/wildcards, Slurm job id and pipeline group, when the environment names them."""
+    """Slurm job id and pipeline group, when the environment names them."""
     names = {
-        "CCALIGN_RULE": "snakemake.rule",
-        "CCALIGN_WILDCARDS": "snakemake.wildcards",
         "CCALIGN_RUN_GROUP": "ccalign.group",
         "SLURM_JOB_ID": "slurm.job_id",
         "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
@@ -119,13 +135,12 @@ def input_hashes(paths: dict[str, str | os.PathLike]) -> dict[str, str]:
 class StageRun:
     """One stage's MLflow run. Every call is recorded locally first, then sent when the server answers."""
 
-    def __init__(self, cfg: dict, stage: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict, name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.record: dict[str, Any] = {
             "experiment": cfg.get("experiment", "ccalign"),
-            "run_name": tags.get("ccalign.run_name")
-            or ":".join(x for x in (stage, os.environ.get("CCALIGN_WILDCARDS")) if x),
+            "run_name": name,
             "tags": tags,
             "params": {k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()},
             "metrics": [],
@@ -252,8 +267,8 @@ def replay_pending(cfg: dict) -> int:
         except FileNotFoundError:  # another process took it
             continue
         rec = json.loads(claimed.read_text())
-        run = StageRun(cfg, rec["tags"].get("ccalign.stage", "stage"), dict(rec["tags"]), rec["params"])
-        run.record.update(experiment=rec["experiment"], run_name=rec["run_name"])
+        run = StageRun(cfg, rec["run_name"], dict(rec["tags"]), rec["params"])
+        run.record.update(experiment=rec["experiment"])
         run.record["start_ms"] = rec.get("start_ms", run.record["start_ms"])
         run.record["tags"]["ccalign.replayed"] = "true"
         try:
@@ -282,23 +297,26 @@ def replay_pending(cfg: dict) -> int:
 def stage_run(
     cfg: dict,
     stage: str,
+    labels: dict[str, str],
     tags: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
     inputs: dict[str, str | os.PathLike] | None = None,
     defer: bool | None = None,
 ) -> Iterator[StageRun]:
-    """Record one stage as an MLflow run (rank 0 only); never lets tracking fail the stage.
+    """Record one job of ``stage`` as an MLflow run (rank 0 only); never lets tracking fail the stage.
 
+    ``labels`` (the job's lineage) become tags under their own names and the run's name; ``tags`` add more.
     ``defer`` (default: the config's ``tracking.defer``) buffers the run under ``pending/`` without starting
     MLflow; a stage that sends (``defer=False``) also sends every buffered run first.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    if world()[0] != 0:
         yield _NullRun()
         return
     from ccalign.config import config_hash
 
     all_tags = {
-        "ccalign.stage": stage,
+        "stage": stage,
+        **labels,
         "ccalign.config_hash": config_hash(cfg),
         **git_lineage(),
         **environment_lineage(),
@@ -306,7 +324,7 @@ def stage_run(
     }
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     all_params = {**flatten(cfg), **(params or {})}
-    run = StageRun(cfg, stage, all_tags, all_params)
+    run = StageRun(cfg, run_name(stage, labels), all_tags, all_params)
     if defer is None:
         defer = bool((cfg.get("tracking") or {}).get("defer", False))
     if defer:

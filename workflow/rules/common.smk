@@ -1,39 +1,29 @@
-# Validation, the job plan and the input/param/resource functions every rule uses.
+# The plan of this invocation and the functions every rule reads it with (ccalign.pipeline).
+#
+# Each rule below is one stage of ccalign.stages: its outputs are the stage's declared patterns (a test holds
+# them equal), its inputs, command, config values, code and resources come from the job the plan made for the
+# rule's wildcards. The config is validated and resolved by ccalign.config, as `ccalign <stage>` does; an
+# invalid config stops here with one line naming the file (or --config value) and the key.
 import json
 import os
+import sys
 import uuid
 
-from snakemake.utils import validate
+from ccalign.config import ConfigError
+from ccalign.pipeline import code_version, join_args, snakemake_plan
 
-from ccalign.config import validate as validate_config
-from ccalign.workflow import PATTERNS, Plan, config_params, join_args
-
-validate(config, schema="../schemas/config.schema.yaml")
-validate_config(config, "snakemake config")  # also fills the schema defaults the CLI fills
-
-
-def _configfile():
-    files = [str(f) for f in workflow.configfiles] or ["config/config.yaml"]
-    return os.path.relpath(files[-1])
-
-
-def _overrides():
-    """``--config data_root=...`` must reach every stage: pass it on as ``--set``."""
-    import yaml
-
-    written = yaml.safe_load(open(_configfile())).get("data_root", "data")
-    return [] if config["data_root"] == written else [f"data_root={config['data_root']}"]
-
-
-PLAN = Plan(config, _configfile(), overrides=_overrides())
-JOBS = PLAN.jobs()
+CONFIGFILES = [os.path.relpath(f) for f in workflow.overwrite_configfiles] or ["config/config.yaml"]
+try:
+    PLAN = snakemake_plan(CONFIGFILES, dict(workflow.config_settings.config))  # --config values only
+except ConfigError as error:
+    sys.exit(f"ccalign: {error}")
 ROOT = PLAN.root
-# One id for all runs of this invocation: MLflow groups them by the tag ccalign.group.
+# One id for all runs of this invocation: MLflow groups them under it.
 os.environ.setdefault("CCALIGN_RUN_GROUP", uuid.uuid4().hex[:12])
 
 
 wildcard_constraints:
-    family="llamagen|var",
+    family=r"[a-z][a-z0-9_]*",
     seed=r"\d+",
     objective="cca|dpo|unlearning",
     lam=r"[0-9.e+-]+",
@@ -41,72 +31,70 @@ wildcard_constraints:
     variant=r"base|(cca|dpo|unlearning)_lam[0-9.e+-]+",
 
 
-def out(stage):
-    """Output pattern of a stage, under data_root."""
-    return f"{ROOT}/{PATTERNS[stage]}"
+def data(path):
+    """A path under the config's data_root."""
+    return f"{ROOT}/{path}"
+
+
+def logs(path):
+    return f"{ROOT}/logs/{path}"
+
+
+def benchmarks(path):
+    return f"{ROOT}/benchmarks/{path}"
 
 
 def targets(stage):
-    """Every output of ``stage`` that this config asks for."""
-    return [j.output for j in JOBS if j.stage == stage]
+    """Every product of ``stage`` this config asks for."""
+    return [j.output for j in PLAN.jobs() if j.stage.name == stage]
 
 
 def job(stage, wildcards):
     return PLAN.find(stage, dict(wildcards))
 
 
-def inputs(stage):
-    return lambda wildcards: job(stage, wildcards).inputs
+def get(stage, name):
+    """Input ``name`` of the job (absent on this job: no file)."""
+    return lambda wildcards: job(stage, wildcards).inputs.get(name, [])
 
 
 def command(stage):
-    """The job's ccalign command, with the lineage the stage records in MLflow."""
-
-    def cmd(wildcards):
-        j = job(stage, wildcards)
-        wc = ",".join(f"{k}={v}" for k, v in j.wildcards.items())
-        return f"CCALIGN_RULE={stage} CCALIGN_WILDCARDS='{wc}' {join_args(j.args)}"
-
-    return cmd
+    return lambda wildcards: join_args(job(stage, wildcards).args)
 
 
 def settings(stage):
-    """The config values a job depends on: a change reruns it (params rerun-trigger)."""
-    return lambda wildcards: json.dumps(config_params(config, job(stage, wildcards).params), sort_keys=True)
+    """The resolved config values the job reads: a change reruns it (params rerun-trigger)."""
+    return lambda wildcards: json.dumps(PLAN.values(job(stage, wildcards)), sort_keys=True, default=str)
 
 
-def res(stage, key):
-    return lambda wildcards: job(stage, wildcards).resources[key]
+def code(stage):
+    """Version of the code the job runs (every module it imports): a change reruns it."""
+    return lambda wildcards: code_version(job(stage, wildcards).code)
 
 
 def threads(stage):
     """CPU threads of a job: cpus_per_gpu × GPUs on GPU jobs, else ``cpus``."""
 
     def n(wildcards):
-        r = job(stage, wildcards).resources or {}
-        return r["gpus"] * r["cpus_per_gpu"] if r.get("gpus") else r.get("cpus", 1)
+        r = job(stage, wildcards).resources
+        return r["gpus"] * r["cpus_per_gpu"] if r["gpus"] else r["cpus"]
 
     return n
 
 
-def log_path(stage, kind="logs", ext="log"):
-    """``data/logs/<stage>/<wildcards...>.log`` mirroring the output's wildcards."""
-    import string
-
-    names = [f for _, f, _, _ in string.Formatter().parse(PATTERNS[stage]) if f]
-    tail = os.path.join(*(f"{{{w}}}" for w in names)) if names else stage
-    return f"{ROOT}/{kind}/{stage}/{tail}.{ext}"
-
-
-def rule_resources(stage):
+def resources(stage):
     """Snakemake resources as the Slurm executor plugin reads them (tasks_per_gpu 0: torchrun starts ranks)."""
+
+    def get_resource(key):
+        return lambda wildcards: job(stage, wildcards).resources[key]
+
     return dict(
-        mem_mb=res(stage, "mem_mb"),
-        runtime=res(stage, "runtime"),
+        mem_mb=get_resource("mem_mb"),
+        runtime=get_resource("runtime"),
         # gres is per node (--gpus would be per job: half the GPUs of a 2-node job)
         gres=lambda wildcards: (f"gpu:{n}" if (n := job(stage, wildcards).resources["gpus"]) else ""),
-        nodes=res(stage, "nodes"),
-        cpus_per_gpu=res(stage, "cpus_per_gpu"),
-        tasks=res(stage, "nodes"),
+        nodes=get_resource("nodes"),
+        cpus_per_gpu=get_resource("cpus_per_gpu"),
+        tasks=get_resource("nodes"),
         tasks_per_gpu=0,
     )

@@ -1,64 +1,67 @@
 # Raw images, tokenizers and the code cache.
 
+
 rule prepare_data:
-    # scikit-learn digits → data/raw/<name>/{train,val}/<class>/*.png
-    input:
-        unpack(inputs("prepare_data")),
+    """The embedded dataset (scikit-learn digits) as train/val image folders."""
     output:
-        out("prepare_data"),
+        manifest=data("raw/{dataset}/dataset.json"),
+        record=data("raw/{dataset}/dataset.json.job.json"),
     params:
-        cmd=command("prepare_data"),
+        command=command("prepare_data"),
         settings=settings("prepare_data"),
+        code=code("prepare_data"),
     log:
-        log_path("prepare_data"),
+        logs("prepare_data/{dataset}.log"),
     benchmark:
-        log_path("prepare_data", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("prepare_data/{dataset}.tsv")
     threads: threads("prepare_data")
     resources:
-        **rule_resources("prepare_data"),
+        **resources("prepare_data"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"
+
 
 rule train_tokenizer:
-    # tiny tokenizers for the embedded experiment (released ones are fetched)
+    """A small tokenizer trained on the views the cache will hold (released tokenizers are fetched)."""
     input:
-        unpack(inputs("train_tokenizer")),
+        data=get("train_tokenizer", "data"),
     output:
-        out("train_tokenizer"),
+        tokenizer=data("tokenizers/{tokenizer}/tokenizer.pt"),
+        args=data("tokenizers/{tokenizer}/tokenizer.args.json"),
+        record=data("tokenizers/{tokenizer}/tokenizer.pt.job.json"),
     params:
-        cmd=command("train_tokenizer"),
+        command=command("train_tokenizer"),
         settings=settings("train_tokenizer"),
+        code=code("train_tokenizer"),
     log:
-        log_path("train_tokenizer"),
+        logs("train_tokenizer/{tokenizer}.log"),
     benchmark:
-        log_path("train_tokenizer", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("train_tokenizer/{tokenizer}.tsv")
     threads: threads("train_tokenizer")
     resources:
-        **rule_resources("train_tokenizer"),
+        **resources("train_tokenizer"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"
+
 
 rule tokenize:
-    # images → sharded uint16 code cache + manifest
+    """Every view of every training image → the sharded uint16 code cache (resumable)."""
     input:
-        unpack(inputs("tokenize")),
+        data=get("tokenize", "data"),
+        tokenizer=get("tokenize", "tokenizer"),
     output:
-        out("tokenize"),
+        cache=data("cache/{tokenizer}/manifest.json"),
+        record=data("cache/{tokenizer}/manifest.json.job.json"),
     params:
-        cmd=command("tokenize"),
+        command=command("tokenize"),
         settings=settings("tokenize"),
+        code=code("tokenize"),
     log:
-        log_path("tokenize"),
+        logs("tokenize/{tokenizer}.log"),
     benchmark:
-        log_path("tokenize", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("tokenize/{tokenizer}.tsv")
     threads: threads("tokenize")
     resources:
-        **rule_resources("tokenize"),
+        **resources("tokenize"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"

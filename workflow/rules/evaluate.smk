@@ -1,43 +1,48 @@
 # Feature extractors and metrics.
 
+
 rule train_classifier:
-    # domain classifier = feature extractor for small datasets
+    """The domain classifier: feature extractor of FID/IS/PRC for small datasets."""
     input:
-        unpack(inputs("train_classifier")),
+        data=get("train_classifier", "data"),
     output:
-        out("train_classifier"),
+        classifier=data("classifier/{dataset}/classifier.pt"),
+        record=data("classifier/{dataset}/classifier.pt.job.json"),
     params:
-        cmd=command("train_classifier"),
+        command=command("train_classifier"),
         settings=settings("train_classifier"),
+        code=code("train_classifier"),
     log:
-        log_path("train_classifier"),
+        logs("train_classifier/{dataset}.log"),
     benchmark:
-        log_path("train_classifier", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("train_classifier/{dataset}.tsv")
     threads: threads("train_classifier")
     resources:
-        **rule_resources("train_classifier"),
+        **resources("train_classifier"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"
+
 
 rule evaluate:
-    # FID, IS, Precision, Recall, sFID (+ class accuracy) of one sample set
+    """FID, IS, Precision, Recall, sFID (+ class accuracy) of one sample set against the reference."""
     input:
-        unpack(inputs("evaluate")),
+        samples=get("evaluate", "samples"),
+        reference=get("evaluate", "reference"),
+        data=get("evaluate", "data"),
+        classifier=get("evaluate", "classifier"),
     output:
-        out("evaluate"),
+        metrics=data("eval/{family}/{model}/seed{seed}/{variant}/g{guidance}/metrics.json"),
+        record=data("eval/{family}/{model}/seed{seed}/{variant}/g{guidance}/metrics.json.job.json"),
     params:
-        cmd=command("evaluate"),
+        command=command("evaluate"),
         settings=settings("evaluate"),
+        code=code("evaluate"),
     log:
-        log_path("evaluate"),
+        logs("evaluate/{family}/{model}/seed{seed}/{variant}/g{guidance}.log"),
     benchmark:
-        log_path("evaluate", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("evaluate/{family}/{model}/seed{seed}/{variant}/g{guidance}.tsv")
     threads: threads("evaluate")
     resources:
-        **rule_resources("evaluate"),
+        **resources("evaluate"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"

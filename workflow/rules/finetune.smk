@@ -1,43 +1,50 @@
 # Base models (embedded: pretrained here) and CCA / DPO / unlearning fine-tuning.
 
+
 rule pretrain:
-    # maximum likelihood with class dropout, from scratch (embedded only)
+    """Maximum likelihood with class dropout, from scratch (the embedded experiment's base models)."""
     input:
-        unpack(inputs("pretrain")),
+        tokenizer=get("pretrain", "tokenizer"),
+        cache=get("pretrain", "cache"),
     output:
-        out("pretrain"),
+        model=data("pretrain/{family}/{model}/seed{seed}/model.pt"),
+        args=data("pretrain/{family}/{model}/seed{seed}/model.args.json"),
+        record=data("pretrain/{family}/{model}/seed{seed}/model.pt.job.json"),
     params:
-        cmd=command("pretrain"),
+        command=command("pretrain"),
         settings=settings("pretrain"),
+        code=code("pretrain"),
     log:
-        log_path("pretrain"),
+        logs("pretrain/{family}/{model}/seed{seed}.log"),
     benchmark:
-        log_path("pretrain", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("pretrain/{family}/{model}/seed{seed}.tsv")
     threads: threads("pretrain")
     resources:
-        **rule_resources("pretrain"),
+        **resources("pretrain"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"
+
 
 rule finetune:
-    # one alignment run per (model, seed, objective, λ)
+    """One alignment run per (model, seed, objective, λ): the policy against its frozen base copy."""
     input:
-        unpack(inputs("finetune")),
+        base=get("finetune", "base"),
+        tokenizer=get("finetune", "tokenizer"),
+        cache=get("finetune", "cache"),
     output:
-        out("finetune"),
+        model=data("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.pt"),
+        args=data("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.args.json"),
+        record=data("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.pt.job.json"),
     params:
-        cmd=command("finetune"),
+        command=command("finetune"),
         settings=settings("finetune"),
+        code=code("finetune"),
     log:
-        log_path("finetune"),
+        logs("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}.log"),
     benchmark:
-        log_path("finetune", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}.tsv")
     threads: threads("finetune")
     resources:
-        **rule_resources("finetune"),
+        **resources("finetune"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"

@@ -1,22 +1,26 @@
 # Results table, FID–IS plot and sample grids.
 
+
 rule report:
-    # summary.csv, summary.md, fid_is.png, grids
+    """summary.csv / summary.md, the FID–IS plot and upscaled sample grids; sends buffered MLflow runs."""
     input:
-        unpack(inputs("report")),
+        metrics=get("report", "metrics"),
+        grids=get("report", "grids"),
     output:
-        out("report"),
+        summary=data("report/summary.csv"),
+        table=data("report/summary.md"),
+        plot=data("report/fid_is.png"),
+        record=data("report/summary.csv.job.json"),
     params:
-        cmd=command("report"),
+        command=command("report"),
         settings=settings("report"),
+        code=code("report"),
     log:
-        log_path("report"),
+        logs("report.log"),
     benchmark:
-        log_path("report", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("report.tsv")
     threads: threads("report")
     resources:
-        **rule_resources("report"),
+        **resources("report"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"

@@ -1,22 +1,25 @@
 # Class-balanced, deterministic, resumable generation.
 
+
 rule sample:
-    # per_class samples of every class at one guidance scale
+    """per_class samples of every class from one model at one guidance scale, and a sample grid."""
     input:
-        unpack(inputs("sample")),
+        checkpoint=get("sample", "checkpoint"),
+        tokenizer=get("sample", "tokenizer"),
     output:
-        out("sample"),
+        samples=data("samples/{family}/{model}/seed{seed}/{variant}/g{guidance}/samples.npz"),
+        grid=data("samples/{family}/{model}/seed{seed}/{variant}/g{guidance}/grid.png"),
+        record=data("samples/{family}/{model}/seed{seed}/{variant}/g{guidance}/samples.npz.job.json"),
     params:
-        cmd=command("sample"),
+        command=command("sample"),
         settings=settings("sample"),
+        code=code("sample"),
     log:
-        log_path("sample"),
+        logs("sample/{family}/{model}/seed{seed}/{variant}/g{guidance}.log"),
     benchmark:
-        log_path("sample", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("sample/{family}/{model}/seed{seed}/{variant}/g{guidance}.tsv")
     threads: threads("sample")
     resources:
-        **rule_resources("sample"),
+        **resources("sample"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"

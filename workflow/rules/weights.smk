@@ -1,22 +1,23 @@
 # Released checkpoints, tokenizers, Inception weights and reference batches.
 
-rule fetch_weights:
-    # download + verify one artifact of config/weights.yaml
+
+rule fetch:
+    """One artifact of config/weights.yaml: downloaded, sha256-verified, recorded in the weights lock."""
     input:
-        unpack(inputs("fetch")),
+        manifest=get("fetch", "manifest"),
     output:
-        out("fetch"),
+        weights=data("weights/{artifact}"),
+        record=data("weights/{artifact}.job.json"),
     params:
-        cmd=command("fetch"),
+        command=command("fetch"),
         settings=settings("fetch"),
+        code=code("fetch"),
     log:
-        log_path("fetch"),
+        logs("fetch/{artifact}.log"),
     benchmark:
-        log_path("fetch", "benchmarks", "tsv")
-    conda:
-        "../envs/ccalign.yaml"
+        benchmarks("fetch/{artifact}.tsv")
     threads: threads("fetch")
     resources:
-        **rule_resources("fetch"),
+        **resources("fetch"),
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("cca", "dpo", "unlearning")  # contrastive objectives (policy + frozen reference)
+from ccalign.align import OBJECTIVES
+
 ALL_OBJECTIVES = (*OBJECTIVES, "mle")  # "mle": plain maximum likelihood (pre-training)
 
 _CHUNK_ELEMENTS = 1 << 23  # logits elements handled at once (32 MiB in float32)

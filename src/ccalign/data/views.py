@@ -28,8 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ccalign.tokenizers.llamagen_vq import center_crop_arr
-
 _MODE_KEYS = {
     "tencrop": {"crop_ranges"},
     "center": {"hflip"},
@@ -95,6 +93,18 @@ class ViewSpec:
         return n * n * (2 if self.hflip else 1)
 
 
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM centre crop as LlamaGen uses it: BOX-halve while large, BICUBIC-resize the short side, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top : top + image_size, left : left + image_size])
+
+
 def _random_crop(img: Image.Image, spec: ViewSpec, rng: np.random.Generator) -> np.ndarray:
     import torchvision.transforms.functional as TF  # only the tencrop/random modes need torchvision
     from torchvision.transforms import InterpolationMode
@@ -144,3 +154,13 @@ def to_model_input(views: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 (…, H, W, 3) → float32 (…, 3, H, W) in [-1, 1]."""
     x = torch.as_tensor(views).movedim(-1, -3).float().div(255)
     return x.add(x).sub_(1)
+
+
+def preprocess(pil_image: Image.Image, image_size: int) -> torch.Tensor:
+    """LlamaGen's c2i code-extraction transform: centre crop to ``image_size``, then (3, S, S) in [-1, 1].
+
+    ToTensor + Normalize(0.5, 0.5) computes ``(x/255 - 0.5) / 0.5``, equal to :func:`to_model_input`'s
+    ``2·x/255 - 1`` bit for bit (scaling by 2 is exact and commutes with rounding).
+    """
+    crop = center_crop_arr(pil_image.convert("RGB"), image_size)
+    return to_model_input(np.asarray(crop, dtype=np.uint8))

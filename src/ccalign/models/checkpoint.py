@@ -8,10 +8,18 @@ torch.compile) is removed.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch.nn as nn
 from torch import Tensor
+
+from ccalign.io import atomic_save_torch, atomic_write_json, load_torch
+from ccalign.presets import Presets
+
+C = TypeVar("C", bound=Presets)
 
 WRAPPER_KEYS = ("model", "ema", "module", "state_dict", "trainer")  # in this order, as the official samplers
 
@@ -59,3 +67,35 @@ def load_state_dict_strict(
             f"unexpected keys {unexpected}, shape mismatches {shapes}"
         )
     module.load_state_dict(sd, strict=True)
+
+
+def args_path(path: str | os.PathLike) -> Path:
+    """Where a checkpoint's constructor arguments are kept: ``model.pt`` -> ``model.args.json``."""
+    return Path(path).with_suffix(".args.json")
+
+
+def save_weights(state: dict[str, Any], path: str | os.PathLike, args: dict[str, Any]) -> None:
+    """Write ``state`` (an official layout) and, beside it, the constructor ``args`` it was built with."""
+    atomic_save_torch(state, path)
+    atomic_write_json(args, args_path(path))
+
+
+def load_weights(
+    module: nn.Module, path: str | os.PathLike, inner: str | None = None, ignore: tuple[str, ...] = ()
+) -> nn.Module:
+    """Strict load of any official layout (weights-only torch.load) into ``module``; returns it."""
+    load_state_dict_strict(module, unwrap_state_dict(load_torch(path), path, inner), path, ignore)
+    return module
+
+
+def checkpoint_args(cls: type[C], path: str | os.PathLike, args: dict[str, Any] | None) -> C:
+    """The config to build the model of checkpoint ``path`` with: the arguments saved beside it (if any),
+    overridden by ``args`` (a config mapping, may name a preset). Released checkpoints carry none."""
+    saved_file = args_path(path)
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+    if args is None and saved is None:
+        raise CheckpointError(f"{path}: no {saved_file.name} beside it; give the model arguments")
+    if saved is None:
+        return cls.from_dict(args)
+    given = {k: v for k, v in (args or {}).items() if k != "preset"}  # the saved fields are complete
+    return cls.from_dict({**saved, **given})

@@ -21,18 +21,15 @@ Deliberate differences from upstream (see tests/golden/llamagen/README.md):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ccalign.io import atomic_save_torch, load_torch
-from ccalign.models.checkpoint import load_state_dict_strict, unwrap_state_dict
 from ccalign.models.sampling import draw_uniform, sample_from_probs
-from ccalign.tokenizers.llamagen_vq import VQArgs, VQModel
+from ccalign.presets import Presets
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -40,7 +37,7 @@ def find_multiple(n: int, k: int) -> int:
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(Presets):
     """Every field of the official ``ModelArgs`` (defaults as upstream)."""
 
     dim: int = 4096
@@ -70,13 +67,6 @@ class ModelArgs:
     max_batch_size: int = 32  # upstream bookkeeping; caches here are sized per generate() call
     max_seq_len: int = 2048
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> ModelArgs:
-        """A preset by name ("GPT-B" ... "GPT-3B") with any field overridden."""
-        if name not in configs:
-            raise ValueError(f"unknown LlamaGen preset {name!r}; expected one of {list(configs)}")
-        return cls(**{**configs[name], **overrides})
-
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
@@ -85,19 +75,15 @@ class ModelArgs:
     def grid_size(self) -> int:
         return math.isqrt(self.block_size)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 # Class-conditional presets of gpt.py (published parameter counts at 256 px, vocab 16384, 1000 classes).
-configs = {
+ModelArgs.PRESETS = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),  # 111M
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),  # 343M
     "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),  # 775M
     "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),  # 1.4B
     "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),  # 3.1B
 }
-from_name = ModelArgs.from_name
 
 
 # ----------------------------------------------------------------------------- layers
@@ -453,108 +439,4 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return F.softmax(logits, dim=-1)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
 CACHE_KEY_SUFFIXES = ("freqs_cis", ".kv_cache.k_cache", ".kv_cache.v_cache", "causal_mask")  # never loaded
-
-
-def load_checkpoint(module: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load weights from any official layout into ``module`` (weights_only torch.load, strict)."""
-    load_state_dict_strict(module, unwrap_state_dict(load_torch(path), path), path, CACHE_KEY_SUFFIXES)
-    return module
-
-
-def save_checkpoint(module: nn.Module, path: str | os.PathLike, args: dict | None = None) -> None:
-    """Atomically write ``{"model": state_dict}`` (what official samplers read), plus ``model_args``."""
-    obj = {"model": module.state_dict()}
-    if args is not None:
-        obj["model_args"] = args
-    atomic_save_torch(obj, path)
-
-
-# ----------------------------------------------------------------------------- family adapter
-
-
-def _dataclass_from(cls, args: dict, presets_from):
-    """Build ``cls`` from a config dict with an optional "preset" plus field overrides."""
-    args = dict(args)
-    preset = args.pop("preset", None)
-    unknown = sorted(set(args) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
-    return presets_from(preset, **args) if preset else cls(**args)
-
-
-class LlamaGenFamily:
-    """The ``ccalign.families`` adapter for LlamaGen (guidance = cfg_scale; 1.0 is guidance-free)."""
-
-    name = "llamagen"
-    # sampling options of CCA's LlamaGen_sample_ddp.py, plus the cache switch
-    default_sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_interval": -1, "kv_cache": True}
-
-    def build_model(self, args: dict) -> Transformer:
-        return Transformer(_dataclass_from(ModelArgs, args, ModelArgs.from_name))
-
-    def build_tokenizer(self, args: dict) -> VQModel:
-        return VQModel(_dataclass_from(VQArgs, args, VQArgs.from_name))
-
-    def load_model(self, path, args: dict) -> Transformer:
-        """Strict load from any official layout, in eval mode (call ``.train()`` to fine-tune)."""
-        return load_checkpoint(self.build_model(args), path).eval()
-
-    def load_tokenizer(self, path, args: dict) -> VQModel:
-        return load_checkpoint(self.build_tokenizer(args), path).eval()
-
-    def save_model(self, model: Transformer, path) -> None:
-        save_checkpoint(model, path, model.config.to_dict())
-
-    def save_tokenizer(self, tokenizer: VQModel, path) -> None:
-        save_checkpoint(tokenizer, path, tokenizer.args.to_dict())
-
-    def encode(self, tokenizer: VQModel, images: torch.Tensor) -> torch.Tensor:
-        return tokenizer.encode(images)
-
-    def decode(self, tokenizer: VQModel, codes: torch.Tensor) -> torch.Tensor:
-        return tokenizer.decode_codes(codes)
-
-    def seq_len(self, model: Transformer) -> int:
-        return model.config.block_size
-
-    def vocab_size(self, model: Transformer) -> int:
-        return model.config.vocab_size
-
-    def num_classes(self, model: Transformer) -> int:
-        return model.config.num_classes
-
-    def logits(
-        self, model: Transformer, tokenizer, labels: torch.Tensor, codes: torch.Tensor
-    ) -> torch.Tensor:
-        """Teacher forcing as the official fine-tuning call: (B, T, V), logits[:, t] predicts codes[:, t]."""
-        return model(codes[:, :-1], labels)[0]
-
-    def generate(
-        self,
-        model: Transformer,
-        tokenizer,
-        labels: torch.Tensor,
-        *,
-        guidance: float,
-        sampling: dict,
-        generator,
-    ) -> torch.Tensor:
-        unknown = sorted(set(sampling) - set(self.default_sampling))
-        if unknown:
-            known = sorted(self.default_sampling)
-            raise ValueError(f"unknown LlamaGen sampling options {unknown}; known: {known}")
-        opts = {**self.default_sampling, **sampling}
-        return model.generate(labels, generator=generator, cfg_scale=guidance, **opts)
-
-    def tokenizer_loss(self, tokenizer: VQModel, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Pixel MSE + codebook + commitment (+ entropy) loss, for training tiny tokenizers."""
-        recon, _, losses = tokenizer(images)
-        rec = F.mse_loss(recon, images)
-        loss = rec + sum(losses.values())
-        metrics = {"rec": rec.item(), **{k: v.item() for k, v in losses.items()}}
-        if tokenizer.args.codebook_show_usage and tokenizer.training:
-            metrics["codebook_usage"] = tokenizer.quantize.usage()
-        return loss, metrics

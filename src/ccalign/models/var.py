@@ -17,25 +17,23 @@ comes only from explicit generators.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ccalign.io import atomic_save_torch, load_torch
-from ccalign.models.checkpoint import load_state_dict_strict, unwrap_state_dict
 from ccalign.models.sampling import draw_uniform, sample_from_probs
-from ccalign.tokenizers.var_vqvae import VQVAE, VQVAEConfig, tokenizer_loss
+from ccalign.presets import Presets
+from ccalign.tokenizers.var_vqvae import VQVAE
 
 MAX_SCALE_MUL = math.log(100)  # clamp of the log attention temperature (as float32: 4.605170249938965)
 
 
 @dataclass
-class VARConfig:
+class VARConfig(Presets):
     depth: int = 16
     embed_dim: int | None = None  # C; None -> 64·depth
     num_heads: int | None = None  # None -> depth (head_dim 64)
@@ -69,32 +67,12 @@ class VARConfig:
     def L(self) -> int:
         return sum(pn * pn for pn in self.patch_nums)
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VARConfig:
-        if name not in VAR_PRESETS:
-            raise ValueError(f"unknown VAR preset {name!r}; known: {sorted(VAR_PRESETS)}")
-        return cls(**{**VAR_PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, args: dict) -> VARConfig:
-        """From a config dict of official argument names, optionally with "preset" (e.g. "d16")."""
-        args = dict(args)
-        preset = args.pop("preset", None)
-        known = {f.name for f in fields(cls)}
-        unknown = set(args) - known
-        if unknown:
-            raise ValueError(f"unknown VAR arguments {sorted(unknown)}; known: {sorted(known)}")
-        return cls.from_name(preset, **args) if preset else cls(**args)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 # Released ImageNet models (huggingface.co/FoundationVision/var). Width 64·depth, heads = depth, the
 # vae_ch160v4096z32 tokenizer; d36 is the 512 px model with shared AdaLN ("d36-s").
 _PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 _PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
-VAR_PRESETS: dict[str, dict] = {
+VARConfig.PRESETS = {
     "d16": dict(depth=16, num_classes=1000, V=4096, Cvae=32, patch_nums=_PN_256),  # 310M
     "d20": dict(depth=20, num_classes=1000, V=4096, Cvae=32, patch_nums=_PN_256),  # 600M
     "d24": dict(depth=24, num_classes=1000, V=4096, Cvae=32, patch_nums=_PN_256),  # 1.0B
@@ -425,88 +403,3 @@ def gumbel_softmax(logits: Tensor, tau: float, u: Tensor) -> Tensor:
     """Soft gumbel-softmax sample from uniforms u (same shape as logits) instead of a hidden RNG."""
     gumbels = -(-u.clamp_min(torch.finfo(u.dtype).tiny).log()).log()
     return ((logits + gumbels) / tau).softmax(dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Family adapter (see ccalign.families): flat codes (B, L), scales concatenated coarsest first.
-
-
-class VARFamily:
-    name = "var"
-    default_sampling = {"top_k": 900, "top_p": 0.96, "more_smooth": False}  # VAR's sample script
-    sampling_options = ("top_k", "top_p", "more_smooth", "kv_cache")
-
-    def build_model(self, args: dict) -> VAR:
-        return VAR(VARConfig.from_dict(args))
-
-    def build_tokenizer(self, args: dict) -> VQVAE:
-        return VQVAE(VQVAEConfig.from_dict(args))
-
-    def load_model(self, path: str | os.PathLike, args: dict) -> VAR:
-        model = self.build_model(args)
-        load_state_dict_strict(model, unwrap_state_dict(load_torch(path), path, "var_wo_ddp"), path)
-        return model.eval()
-
-    def load_tokenizer(self, path: str | os.PathLike, args: dict) -> VQVAE:
-        """Strict load into eval mode with frozen parameters. As in the official loader, a stored
-        `quantize.ema_vocab_hit_SV` (usage statistics, unused by any forward) with another scale count
-        is ignored."""
-        tokenizer = self.build_tokenizer(args)
-        sd = dict(unwrap_state_dict(load_torch(path), path, "vae_local"))
-        own = tokenizer.quantize.ema_vocab_hit_SV
-        key = "quantize.ema_vocab_hit_SV"
-        if key in sd and sd[key].shape[0] != own.shape[0]:
-            sd[key] = own
-        load_state_dict_strict(tokenizer, sd, path)
-        return tokenizer.eval().requires_grad_(False)
-
-    def save_model(self, model: VAR, path: str | os.PathLike) -> None:
-        atomic_save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-
-    def save_tokenizer(self, tokenizer: VQVAE, path: str | os.PathLike) -> None:
-        atomic_save_torch({k: v.detach().cpu() for k, v in tokenizer.state_dict().items()}, path)
-
-    def encode(self, tokenizer: VQVAE, images: Tensor) -> Tensor:
-        return torch.cat(tokenizer.encode(images), dim=1)  # (B, L)
-
-    def decode(self, tokenizer: VQVAE, codes: Tensor) -> Tensor:
-        return tokenizer.decode_codes(tokenizer.split_codes(codes))
-
-    def seq_len(self, model: VAR) -> int:
-        return model.L
-
-    def vocab_size(self, model: VAR) -> int:
-        return model.cfg.V
-
-    def num_classes(self, model: VAR) -> int:
-        return model.num_classes
-
-    def logits(self, model: VAR, tokenizer: VQVAE, labels: Tensor, codes: Tensor) -> Tensor:
-        """Teacher-forcing logits (B, L, V); logits[:, t] predicts codes[:, t]."""
-        model.check_tokenizer(tokenizer)
-        with torch.no_grad():
-            x = tokenizer.codes_to_var_input(tokenizer.split_codes(codes))
-        return model(labels, x)
-
-    def generate(
-        self,
-        model: VAR,
-        tokenizer: VQVAE,
-        labels: Tensor,
-        *,
-        guidance: float,
-        sampling: dict,
-        generator: torch.Generator | Sequence[torch.Generator],
-    ) -> Tensor:
-        """Codes (B, L). guidance: VAR's cfg (0 = guidance-free); sampling: top_k, top_p, more_smooth,
-        kv_cache."""
-        unknown = set(sampling) - set(self.sampling_options)
-        if unknown:
-            raise ValueError(
-                f"unknown VAR sampling options {sorted(unknown)}; known: {list(self.sampling_options)}"
-            )
-        codes, _ = model.generate(tokenizer, labels, generator=generator, cfg=guidance, **sampling)
-        return torch.cat(codes, dim=1)
-
-    def tokenizer_loss(self, tokenizer: VQVAE, images: Tensor) -> tuple[Tensor, dict[str, float]]:
-        return tokenizer_loss(tokenizer, images)

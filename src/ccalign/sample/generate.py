@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ccalign.families import Family
 from ccalign.io import sha256_bytes
-from ccalign.tokenizers import llamagen_vq
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODE_BATCH = 8  # rows per decoder call (see decode_fixed_batches): small enough for 384 px on any GPU
@@ -74,15 +74,7 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
     return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
 
 
-def var_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """VAR's sampler: the decoder's [-1, 1] output -> (x + 1) * 0.5 -> * 255, truncated to uint8."""
-    return images.clamp(-1, 1).add(1).mul(0.5).permute(0, 2, 3, 1).mul(255).to(torch.uint8)
-
-
-PIXEL_CONVERSIONS = {"llamagen": llamagen_vq.to_uint8, "var": var_to_uint8}
-
-
-def to_uint8(family: str, images: torch.Tensor, size: int | None = None) -> np.ndarray:
+def to_uint8(family: Family, images: torch.Tensor, size: int | None = None) -> np.ndarray:
     """Decoded images (B,3,H,W) in [-1, 1] -> ADM pixels (B,H',W',3) uint8, as the official samplers do.
 
     A ``size`` other than H first resizes to size×size, bicubic (LlamaGen's 384 -> 256 px for evaluation).
@@ -90,12 +82,12 @@ def to_uint8(family: str, images: torch.Tensor, size: int | None = None) -> np.n
     images = images.float()
     if size is not None and size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="bicubic")
-    return PIXEL_CONVERSIONS[family](images).cpu().numpy()
+    return family.to_uint8(images).cpu().numpy()
 
 
 @torch.no_grad()
 def generate_batch(
-    family, model, tokenizer, spec: SampleSpec, indices: Sequence[int], device: torch.device | str
+    family: Family, model, tokenizer, spec: SampleSpec, indices: Sequence[int], device: torch.device | str
 ) -> np.ndarray:
     """Pixels (B,H,W,3) uint8 of samples ``indices``; each row depends only on (spec, its index)."""
     labels = torch.tensor([i // spec.per_class for i in indices], device=device)  # (B,)
@@ -111,10 +103,10 @@ def generate_batch(
             generator=generators,
         )  # (B, T)
     images = decode_fixed_batches(family, tokenizer, codes, spec.decode_batch)  # (B, 3, H, W) in [-1, 1]
-    return to_uint8(spec.family, images, spec.resize_to)
+    return to_uint8(family, images, spec.resize_to)
 
 
-def decode_fixed_batches(family, tokenizer, codes: torch.Tensor, rows: int) -> torch.Tensor:
+def decode_fixed_batches(family: Family, tokenizer, codes: torch.Tensor, rows: int) -> torch.Tensor:
     """``family.decode`` in chunks of exactly ``rows`` rows, the last padded by repeating a row.
 
     Convolution numerics change with the batch size (~1e-5 on CPU, enough to flip pixels at rounding

@@ -2,36 +2,43 @@
 
 ``--extractor inception`` follows the ADM protocol with torch-fidelity's TF-compatible Inception and its
 weights from a local file; ``--extractor domain`` uses the classifier from ``train-classifier``. Writes
-``metrics.json`` atomically: the metrics, n, the reference, the extractor and the sha256 of every input.
-Settings: ``evaluate`` (see :data:`DEFAULTS`).
+``metrics.json`` atomically: the job's labels (what the report groups by), the metrics, n, the reference, the
+extractor and the sha256 of every input. Settings: ``evaluate``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from ccalign.device import resolve_device
-from ccalign.io import atomic_write_json, sha256_file
-from ccalign.log import get_logger
-from ccalign.metrics.features import domain_features, inception
-from ccalign.metrics.images import NpzImages, content_sha256
-from ccalign.metrics.protocol import ImageSet, evaluate
-from ccalign.tracking import stage_run
+from ccalign.pipeline import Job, Plan, Stage
+from ccalign.stages.sample import points
 
 HELP = "FID/sFID/IS/Precision/Recall of a samples.npz against a reference batch (ADM protocol)"
 
-# evaluate settings; the config schema fills the same defaults.
-DEFAULTS = {
-    "batch_size": 100,  # images per feature-extractor forward
-    "device": "auto",  # auto: this process's GPU when CUDA is available, else cpu (ccalign.device)
-    "is_splits": 10,  # Inception Score splits (ADM: 50,000 samples in 10 splits of 5,000)
-    "prc_k": 3,  # k of the k-NN manifolds of Precision/Recall (ADM)
-    "prc_batch_size": 10000,  # rows per pairwise-distance block (memory ~ rows x N x 4 bytes)
-}
 
-log = get_logger(__name__)
+def jobs(plan: Plan) -> Iterator[Job]:
+    ref = plan.reference()
+    # the dataset's own val folder is a product of prepare-data (if any); anything else is an input file
+    ref_inputs = plan.dataset_inputs() if ref.startswith(plan.dataset_dir()) else {"reference": ref}
+    classifier = []
+    if plan.cfg["evaluate"]["extractor"] == "domain":
+        classifier = ["--classifier", plan.path("train_classifier", dataset=plan.cfg["dataset"]["name"])]
+        ref_inputs = {**ref_inputs, "classifier": classifier[1]}
+    for wildcards, labels, _ in points(plan):
+        samples = plan.path("sample", **wildcards)
+        flags = [
+            "--samples",
+            samples,
+            "--reference",
+            ref,
+            *classifier,
+            "--out",
+            plan.path("evaluate", **wildcards),
+        ]
+        model = wildcards["model"]
+        yield plan.job("evaluate", wildcards, labels, {"samples": samples, **ref_inputs}, flags, model=model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,14 +71,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
-    ecfg = cfg.get("evaluate", {})
-    settings = {**DEFAULTS, **{k: ecfg[k] for k in DEFAULTS if k in ecfg}}
-    extractor = args.extractor or ecfg.get("extractor", "inception")
-    reference_path = args.reference or ecfg.get("reference")
+    import time
+
+    from ccalign.device import resolve_device
+    from ccalign.families import get_family
+    from ccalign.io import atomic_write_json, sha256_file
+    from ccalign.log import get_logger
+    from ccalign.metrics.features import domain_features, inception
+    from ccalign.metrics.images import NpzImages, content_sha256
+    from ccalign.metrics.protocol import ImageSet, evaluate
+    from ccalign.tracking import stage_run
+
+    log = get_logger("evaluate")
+    ecfg = cfg["evaluate"]
+    settings = {k: ecfg[k] for k in ("batch_size", "device", "is_splits", "prc_k", "prc_batch_size")}
+    extractor = args.extractor or ecfg["extractor"]
+    reference_path = args.reference or ecfg["reference"]
     if reference_path is None:
         raise ValueError("no reference: pass --reference or set evaluate.reference")
     if extractor == "inception":
-        weights = args.inception_weights or ecfg.get("inception_weights")
+        weights = args.inception_weights or ecfg["inception_weights"]
         if weights is None:
             raise ValueError("--extractor inception needs --inception-weights or evaluate.inception_weights")
         extractor_file = Path(weights)
@@ -83,7 +102,7 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         features = domain_features(extractor_file)
     samples = ImageSet(args.samples, npz=NpzImages(args.samples))
     reference = ImageSet.open(reference_path)
-    labels = samples.npz.labels() if extractor == "domain" else None
+    classes = samples.npz.labels() if extractor == "domain" else None
     device = resolve_device(settings["device"])
 
     hashes = {
@@ -93,20 +112,25 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
     }
     tags = {"extractor": extractor} | {f"input.{k.replace('_', '.')}": v for k, v in hashes.items()}
     params = {f"evaluate.{k}": v for k, v in settings.items()} | {"evaluate.extractor": extractor}
-    with stage_run(cfg, stage="evaluate", tags=tags, params=params) as run:
+    lineage = dict(args.labels)  # the report reads this, and whether the set was sampled with guidance
+    if "family" in lineage and "guidance" in lineage:
+        free = get_family(lineage["family"]).guidance_free
+        lineage["guided"] = str(float(lineage["guidance"]) != free).lower()
+    with stage_run(cfg, SPEC.name, args.labels, tags=tags, params=params) as run:
         t0 = time.perf_counter()
         metrics = evaluate(
             samples,
             reference,
             features,
             settings,
-            labels=labels,
+            labels=classes,
             use_stored_stats=extractor == "inception",
             device=device,
         )
         seconds = time.perf_counter() - t0
         log.info("metrics of %s: %s", args.samples, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         record = {
+            "labels": lineage,
             "metrics": metrics,
             "n": len(samples),
             "n_reference": len(reference),
@@ -120,3 +144,14 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         atomic_write_json(record, args.out)
         run.log_metrics(metrics | {"eval_seconds": seconds, "s_per_image": seconds / len(samples)})
         run.log_artifact(args.out)
+
+
+SPEC = Stage(
+    name="evaluate",
+    help=HELP,
+    outputs={"metrics": "eval/{family}/{model}/seed{seed}/{variant}/g{guidance}/metrics.json"},
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+    params=("evaluate",),
+)

@@ -8,14 +8,19 @@ Without ``--only``/``--all`` it fetches the artifacts whose ``<dest>/<file>`` pa
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
-from ccalign.log import get_logger
-from ccalign.tracking import stage_run
-from ccalign.weights import LOCK_NAME, ChecksumError, fetch, load_manifest, needed_keys
+from ccalign.pipeline import Job, Plan, Stage
 
 HELP = "download pretrained weights and reference files (pinned, sha256-checked, resumable, offline-capable)"
 
-log = get_logger("fetch")
+
+def jobs(plan: Plan) -> Iterator[Job]:
+    dest = f"{plan.root}/weights"
+    for key in plan.weight_keys():
+        flags = ["--manifest", plan.weights_manifest, "--only", key, "--dest", dest]
+        wildcards = {"artifact": plan.manifest[key]["file"]}
+        yield plan.job("fetch", wildcards, {"artifact": key}, {"manifest": plan.weights_manifest}, flags)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", metavar="KEY", help="fetch these manifest keys only")
     parser.add_argument("--all", action="store_true", help="fetch every artifact of the manifest")
     parser.add_argument("--dest", default="data/weights", metavar="DIR", help="weights folder")
-    parser.add_argument("--lock", default=None, metavar="FILE", help=f"lock file (default: DEST/{LOCK_NAME})")
+    parser.add_argument(
+        "--lock", default=None, metavar="FILE", help="lock file (default: DEST/weights.lock.json)"
+    )
     parser.add_argument(
         "--cache-dir", default=None, metavar="DIR", help="Hugging Face cache (default: $HF_HUB_CACHE)"
     )
@@ -33,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select(cfg: dict, manifest: dict, args: argparse.Namespace) -> list[str]:
+    from ccalign.weights import needed_keys
+
     """Keys to fetch: ``--only``, else ``--all``, else those the config refers to."""
     if args.only:
         unknown = [k for k in args.only if k not in manifest]
@@ -43,6 +52,11 @@ def select(cfg: dict, manifest: dict, args: argparse.Namespace) -> list[str]:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
+    from ccalign.log import get_logger
+    from ccalign.tracking import stage_run
+    from ccalign.weights import ChecksumError, fetch, load_manifest
+
+    log = get_logger("fetch")
     manifest = load_manifest(args.manifest)
     keys = select(cfg, manifest, args)
     if not keys:
@@ -52,12 +66,12 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
     fetched = []
     for key in keys:
         a = manifest[key]
-        tags = {"ccalign.run_name": f"fetch:{key}", "artifact": key, "origin": a.origin}
+        labels = {**args.labels, "artifact": key}
         declared = {"file": a.file, "origin": a.origin, "size": a.size, "sha256": a.sha256}
         declared.update({"revision": a.revision} if a.hf_repo else {})
         # as the manifest declares them ("null" where it leaves a value open)
         params = {f"artifact.{k}": "null" if v is None else v for k, v in declared.items()}
-        with stage_run(cfg, stage="fetch", tags=tags, params=params) as run:
+        with stage_run(cfg, SPEC.name, labels, params=params, tags={"origin": a.origin}) as run:
             try:
                 got = fetch(a, args.dest, lock_path=args.lock, offline=args.offline, cache_dir=args.cache_dir)
             except ChecksumError as e:
@@ -78,3 +92,13 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
             args.manifest,
             ", ".join(f"{n}: {values[n]}" for n in g.unpinned),
         )
+
+
+SPEC = Stage(
+    name="fetch",
+    help=HELP,
+    outputs={"weights": "weights/{artifact}"},
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+)

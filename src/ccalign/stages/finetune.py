@@ -1,17 +1,38 @@
 """Stage ``finetune``: align a base model with CCA, DPO or unlearning against its frozen copy.
 
 Launch with ``torchrun --nproc_per_node G ccalign finetune ...`` for several processes. Restarting the same
-command resumes from the state directory beside ``--out``.
+command resumes from the state directory beside ``--out``. Settings: ``models.<name>.finetune`` over the
+top-level ``finetune``.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
-from ccalign.align.losses import OBJECTIVES
+from ccalign.pipeline import OBJECTIVES, Job, Plan, Stage, fmt
 from ccalign.train import stage as training
 
 HELP = "fine-tune a base model with CCA / DPO / unlearning (torchrun DDP or FSDP; resumable)"
+
+
+def jobs(plan: Plan) -> Iterator[Job]:
+    for model, m in plan.cfg["models"].items():
+        tokenizer = plan.tokenizer_ckpt(m["tokenizer"])
+        cache = plan.cache_manifest(m["tokenizer"])
+        for seed in plan.cfg["seeds"]:
+            base = plan.base_ckpt(model, seed)
+            for objective, lam in plan.finetune_runs(model):
+                wildcards = {"family": m["family"], "model": model, "seed": seed}
+                wildcards |= {"objective": objective, "lam": fmt(lam)}
+                labels = {"family": m["family"], "model": model, "seed": seed}
+                labels |= {"objective": objective, "lambda": fmt(lam)}
+                out = plan.path("finetune", **wildcards)
+                flags = ["--model", model, "--seed", str(seed), "--objective", objective, "--lam", fmt(lam)]
+                flags += ["--base", base, "--tokenizer", tokenizer, "--cache", cache.rpartition("/")[0]]
+                flags += ["--out", out]
+                inputs = {"base": base, "tokenizer": tokenizer, "cache": cache}
+                yield plan.job("finetune", wildcards, labels, inputs, flags, model=model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(cfg: dict, args: argparse.Namespace) -> None:
     training.run_stage(
         cfg,
-        stage="finetune",
+        stage=SPEC.name,
+        labels=args.labels,
         model_name=args.model,
         seed=args.seed,
         tokenizer_path=args.tokenizer,
@@ -36,3 +58,18 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         lam=args.lam,
         base=args.base,
     )
+
+
+SPEC = Stage(
+    name="finetune",
+    help=HELP,
+    outputs={
+        "model": "finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.pt",
+        "args": "finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.args.json",
+    },
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+    params=("finetune", "models.{model}.args", "models.{model}.finetune"),
+    persist=True,
+)

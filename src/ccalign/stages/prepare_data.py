@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
-from ccalign.data.digits import write_digits
-from ccalign.log import get_logger
-from ccalign.tracking import stage_run
+from ccalign.pipeline import Job, Plan, Stage
 
 HELP = "write the embedded dataset (scikit-learn digits) as train/val image folders"
+SOURCES = ("sklearn_digits",)  # dataset.source values this stage writes; "imagefolder" is the user's
 
-WRITERS = {"sklearn_digits": write_digits}  # dataset.source → writer
+
+def jobs(plan: Plan) -> Iterator[Job]:
+    ds = plan.cfg["dataset"]
+    if ds["source"] in SOURCES:
+        wildcards = {"dataset": ds["name"]}
+        yield plan.job("prepare_data", wildcards, wildcards, {}, ["--out", plan.dataset_dir()])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,27 +23,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
+    from ccalign.data.digits import write_digits
+    from ccalign.log import get_logger
+    from ccalign.tracking import stage_run
+
     ds = cfg["dataset"]
-    source = ds.get("source", "sklearn_digits")
-    if source not in WRITERS:
+    if ds["source"] not in SOURCES:
         raise ValueError(
-            f"prepare-data writes only the embedded datasets (dataset.source in {sorted(WRITERS)}); "
-            f"dataset.source is {source!r}: put that image folder in place yourself"
+            f"prepare-data writes only the embedded datasets (dataset.source in {list(SOURCES)}); "
+            f"dataset.source is {ds['source']!r}: put that image folder in place yourself"
         )
-    settings = {
-        "val_count": ds.get("val_count", 500),
-        "seed": ds.get("seed", 0),
-        "image_size": ds.get("image_size", 8),
-        "resample": ds.get("resample", "nearest"),
-    }
-    with stage_run(cfg, stage="prepare-data", params={f"prepare.{k}": v for k, v in settings.items()}) as run:
-        summary = WRITERS[source](args.out, num_classes=ds["num_classes"], **settings)
+    settings = {"val_count": ds["val_count"], "seed": ds["seed"], "image_size": ds["image_size"]}
+    with stage_run(
+        cfg, SPEC.name, args.labels, params={f"prepare.{k}": v for k, v in settings.items()}
+    ) as run:
+        summary = write_digits(args.out, num_classes=ds["num_classes"], **settings)
         run.log_metrics({"images_train": summary["train"], "images_val": summary["val"]})
-        get_logger("prepare-data").info(
-            "wrote %s: %d train / %d val images, %d px, to %s",
-            ds["name"],
-            summary["train"],
-            summary["val"],
-            summary["image_size"],
-            args.out,
-        )
+    get_logger("prepare-data").info(
+        "wrote %s: %d train / %d val images, %d px, to %s",
+        ds["name"],
+        summary["train"],
+        summary["val"],
+        summary["image_size"],
+        args.out,
+    )
+
+
+SPEC = Stage(
+    name="prepare_data",
+    help=HELP,
+    outputs={"manifest": "raw/{dataset}/dataset.json"},
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+    params=("dataset",),
+    folder=True,
+)

@@ -11,30 +11,45 @@ shards. torch.distributed (gloo) is used only to wait for all ranks at the end.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import shutil
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from ccalign.config import ConfigError, entry
-from ccalign.device import resolve_device
-from ccalign.families import get_family
-from ccalign.io import atomic_write_json, sha256_file
-from ccalign.log import get_logger
-from ccalign.sample.generate import SampleSpec
-from ccalign.sample.run import fill_shards
-from ccalign.sample.shards import grid_indices, merge_shards, plan_shards, rank_shards, save_grid
-from ccalign.tracking import stage_run
+from ccalign.pipeline import Job, Plan, Stage, fmt
 
 HELP = "generate per_class samples of every class (resumable shards, any world size) into one samples.npz"
 GRID = 8  # the sample grid is GRID classes × GRID samples
-BARRIER_TIMEOUT = datetime.timedelta(hours=24)  # ranks wait this long for the slowest one at the end
+GENERIC = ("per_class", "batch_size", "shard_size", "seed", "precision", "resize_to")  # not family options
 
-log = get_logger(__name__)
+
+def variant_labels(variant: str) -> dict[str, str]:
+    """``"cca_lam3"`` → objective cca, lambda 3; ``"base"`` → objective base."""
+    if variant == "base":
+        return {"objective": "base"}
+    objective, lam = variant.split("_lam")
+    return {"objective": objective, "lambda": lam}
+
+
+def points(plan: Plan) -> Iterator[tuple[dict, dict, str]]:
+    """(wildcards, labels, checkpoint) of every sample set the config asks for (evaluate has the same)."""
+    for model, m in plan.cfg["models"].items():
+        for seed in plan.cfg["seeds"]:
+            for variant, g in plan.sample_points(model):
+                wildcards = {"family": m["family"], "model": model, "seed": seed, "variant": variant}
+                wildcards["guidance"] = fmt(g)
+                labels = {"family": m["family"], "model": model, "seed": seed, **variant_labels(variant)}
+                labels["guidance"] = fmt(g)
+                yield wildcards, labels, plan.model_ckpt(model, seed, variant)
+
+
+def jobs(plan: Plan) -> Iterator[Job]:
+    for wildcards, labels, ckpt in points(plan):
+        model = wildcards["model"]
+        tokenizer = plan.tokenizer_ckpt(plan.cfg["models"][model]["tokenizer"])
+        out = plan.path("sample", **wildcards)
+        flags = ["--model", model, "--checkpoint", ckpt, "--tokenizer", tokenizer]
+        flags += ["--guidance", wildcards["guidance"], "--out", out]
+        inputs = {"checkpoint": ckpt, "tokenizer": tokenizer}
+        yield plan.job("sample", wildcards, labels, inputs, flags, model=model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,39 +71,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def sampling_options(family, model_cfg: dict) -> tuple[dict, int | None]:
-    """The family's official sampling defaults overlaid with the model's ``sample`` section; ``resize_to``."""
-    options = dict(model_cfg.get("sample") or {})
-    resize_to = options.pop("resize_to", None)
-    return {**family.default_sampling, **options}, resize_to
-
-
-def load(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple:
+def load(cfg: dict, args: argparse.Namespace, device) -> tuple:
     """Check the inputs, load model and tokenizer; returns (family, model, tokenizer, spec)."""
+    from ccalign.config import entry
+    from ccalign.families import get_family
+    from ccalign.io import sha256_file
+    from ccalign.sample.generate import SampleSpec
+
     model_cfg = entry(cfg, "models", args.model)
-    if model_cfg["tokenizer"] not in cfg["tokenizers"]:
-        raise ConfigError(
-            f"model {args.model!r} names tokenizer {model_cfg['tokenizer']!r}, which is not in "
-            f"the config's tokenizers: {sorted(cfg['tokenizers'])}"
-        )
     for what, path in (("checkpoint", args.checkpoint), ("tokenizer checkpoint", args.tokenizer)):
         if not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
     family = get_family(model_cfg["family"])
-    sampling, resize_to = sampling_options(family, model_cfg)
+    settings = model_cfg["sample"]
     model = family.load_model(args.checkpoint, model_cfg["args"]).to(device).eval()
     tokenizer_args = cfg["tokenizers"][model_cfg["tokenizer"]]["args"]
     tokenizer = family.load_tokenizer(args.tokenizer, tokenizer_args).to(device).eval()
-    settings = cfg["sample"]
     spec = SampleSpec(
         family=family.name,
         num_classes=family.num_classes(model),
         per_class=args.per_class if args.per_class is not None else settings["per_class"],
         seed=args.seed if args.seed is not None else settings["seed"],
         guidance=args.guidance,
-        sampling=sampling,
-        resize_to=resize_to,
-        precision=settings.get("precision", "fp32"),
+        sampling={k: v for k, v in settings.items() if k not in GENERIC and v is not None},
+        resize_to=settings["resize_to"],
+        precision=settings.get("precision") or family.default_precision,
         checkpoint_sha256=sha256_file(args.checkpoint),
         tokenizer_sha256=sha256_file(args.tokenizer),
     )
@@ -96,14 +103,29 @@ def load(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    import datetime
+    import shutil
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from ccalign.device import resolve_device, world
+    from ccalign.log import get_logger
+    from ccalign.sample.run import fill_shards
+    from ccalign.sample.shards import grid_indices, merge_shards, plan_shards, rank_shards, save_grid
+    from ccalign.tracking import stage_run
+
+    log = get_logger("sample")
+    rank, world_size = world()
     device = resolve_device()
     family, model, tokenizer, spec = load(cfg, args, device)
-    batch_size = cfg["sample"]["batch_size"]
-    shards = plan_shards(spec.num_samples, cfg["sample"]["shard_size"])
+    settings = cfg["models"][args.model]["sample"]
+    batch_size = settings["batch_size"]
+    shards = plan_shards(spec.num_samples, settings["shard_size"])
     shard_dir = args.out.with_name(f"{args.out.stem}.shards")
     log.info(
-        "rank %d/%d: %d samples (%d classes × %d) in %d shards, guidance %g, sampling %s, on %s",
+        "rank %d/%d: %d samples (%d classes × %d) in %d shards, guidance %g, sampling %s, %s, on %s",
         rank,
         world_size,
         spec.num_samples,
@@ -112,23 +134,22 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         len(shards),
         spec.guidance,
         spec.sampling,
+        spec.precision,
         device,
     )
-    if world_size > 1:
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    if world_size > 1:  # ranks wait up to a day for the slowest one at the end
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
 
     tags = {
-        "model": args.model,
-        "family": family.name,
-        "guidance": spec.guidance,
         "input.checkpoint.sha256": spec.checkpoint_sha256,
         "input.tokenizer.sha256": spec.tokenizer_sha256,
     }
     params = {
-        f"run.{k}": getattr(spec, k) for k in ("seed", "per_class", "guidance", "sampling", "resize_to")
+        f"run.{k}": getattr(spec, k)
+        for k in ("seed", "per_class", "guidance", "sampling", "resize_to", "precision")
     }
     params.update({"run.num_samples": spec.num_samples, "run.world_size": world_size, "run.device": device})
-    with stage_run(cfg, stage="sample", tags=tags, params=params) as run:
+    with stage_run(cfg, SPEC.name, args.labels, tags=tags, params=params) as run:
         t0 = time.perf_counter()
         made = fill_shards(
             family,
@@ -146,7 +167,7 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
             made = int(total.item())
             dist.destroy_process_group()
         seconds = time.perf_counter() - t0  # until the slowest rank finished
-        if made:
+        if made:  # throughput goes to the log and MLflow, never into the outputs
             rate = made / seconds
             run.log_metrics(
                 {
@@ -165,11 +186,6 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
             )
         if rank != 0:
             return
-        stats_path = args.out.with_name("samples.json")  # throughput for the report; kept on a no-op resume
-        if made or not stats_path.exists():
-            rate = made / seconds if made else None
-            stats = {"images": made, "seconds": seconds, "images_per_s": rate, "world_size": world_size}
-            atomic_write_json(stats, stats_path)
         # check every rank's shards before trusting them (and redo any that fail)
         fill_shards(family, model, tokenizer, spec, shard_dir, shards, batch_size, device)
         grid = merge_shards(
@@ -179,8 +195,23 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
             args.out,
             keep=grid_indices(spec.num_classes, spec.per_class, GRID, GRID),
         )
-        grid_path = args.out.with_name("grid.png")
+        grid_path = Path(args.out).with_name("grid.png")
         save_grid(grid, min(GRID, spec.per_class), grid_path)
         run.log_artifact(grid_path)
         log.info("wrote %s (%d samples) and %s", args.out, spec.num_samples, grid_path)
     shutil.rmtree(shard_dir)
+
+
+SPEC = Stage(
+    name="sample",
+    help=HELP,
+    outputs={
+        "samples": "samples/{family}/{model}/seed{seed}/{variant}/g{guidance}/samples.npz",
+        "grid": "samples/{family}/{model}/seed{seed}/{variant}/g{guidance}/grid.png",
+    },
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+    params=("sample", "models.{model}.args", "models.{model}.sample"),
+    persist=True,
+)

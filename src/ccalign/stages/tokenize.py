@@ -3,34 +3,28 @@
 Runs as one process, as ``torchrun --nproc_per_node G`` (rank r takes every G-th of the job's shards, on
 ``cuda:LOCAL_RANK``), and as n independent jobs (``--shard i/n`` takes shards k ≡ i mod n). Finished shards
 are skipped, so any of these can be killed and started again; whichever process finds every shard present
-writes ``manifest.json``.
+writes ``manifest.json``. Settings: ``tokenizers.<name>.tokenize``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
-from pathlib import Path
+from collections.abc import Iterator
 
-import torch
-
-from ccalign.config import entry
-from ccalign.data.cache import CachePlan, extract, finalize, select_shards
-from ccalign.data.folder import list_image_folder
-from ccalign.data.views import ViewSpec
-from ccalign.device import resolve_device
-from ccalign.families import get_family
-from ccalign.io import sha256_file
-from ccalign.log import get_logger
-from ccalign.tracking import stage_run
+from ccalign.pipeline import Job, Plan, Stage
 
 HELP = "tokenize an image folder into the sharded, verified code cache (resumable, --shard i/n, torchrun)"
 
-# cfg.tokenizers[name].tokenize: extraction settings, and `views` (see ccalign.data.views)
-DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0}
 
-log = get_logger("tokenize")
+def jobs(plan: Plan) -> Iterator[Job]:
+    for name, tok in plan.cfg["tokenizers"].items():
+        ckpt = plan.tokenizer_ckpt(name)
+        out = plan.path("tokenize", tokenizer=name)
+        flags = ["--tokenizer-name", name, "--tokenizer", ckpt, "--data", plan.dataset_dir()]
+        flags += ["--out", out.rpartition("/")[0]]
+        inputs = {**plan.dataset_inputs(), "tokenizer": ckpt}
+        labels = {"tokenizer": name, "family": tok["family"]}
+        yield plan.job("tokenize", {"tokenizer": name}, labels, inputs, flags)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -52,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="entry of cfg.tokenizers (family, args, views)",
     )
-    parser.add_argument("--family", metavar="NAME", help="model family; must match the tokenizer's config")
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset root: DIR/<split>/<class>/*")
     parser.add_argument("--split", default="train", help="sub-folder of --data to tokenize (default train)")
     parser.add_argument("--out", required=True, metavar="DIR", help="cache directory")
@@ -68,77 +61,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def tokenizer_settings(cfg: dict, name: str, family: str | None = None) -> dict:
-    """``cfg.tokenizers[name]`` checked against the requested family."""
-    tcfg = entry(cfg, "tokenizers", name)
-    if family is not None and family != tcfg["family"]:
-        raise ValueError(f"--family {family} but tokenizers.{name}.family is {tcfg['family']}")
-    return tcfg
-
-
-def checked_settings(given: dict | None, defaults: dict, where: str) -> dict:
-    """``defaults`` overridden by ``given``; a key that is not a known setting is an error."""
-    unknown = sorted(set(given or {}) - set(defaults))
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **(given or {})}
-
-
-def tokenize_settings(tcfg: dict, name: str) -> dict:
-    """``tokenizers.<name>.tokenize``: extraction settings plus ``views``."""
-    return checked_settings(tcfg.get("tokenize"), {**DEFAULTS, "views": None}, f"tokenizers.{name}.tokenize")
-
-
-def view_spec(cfg: dict, tcfg: dict) -> ViewSpec:
-    """``tokenize.views`` of the tokenizer (default: its family's official augmentation); its image_size
+def view_spec(cfg: dict, tokenizer: str):
+    """``tokenizers.<name>.tokenize.views`` (default: the family's official augmentation); their image_size
     defaults to dataset.image_size."""
-    default = {"mode": "tencrop"} if tcfg["family"] == "llamagen" else {"mode": "random", "count": 1}
-    views = (tcfg.get("tokenize") or {}).get("views") or default
-    return ViewSpec.from_dict(views, image_size=cfg["dataset"].get("image_size"))
+    from ccalign.data.views import ViewSpec
+    from ccalign.families import get_family
 
-
-def tokenizer_vocab_size(tokenizer: torch.nn.Module) -> int:
-    """Codebook size: rows of ``quantize.embedding.weight`` (the official key of both families)."""
-    return tokenizer.state_dict()["quantize.embedding.weight"].shape[0]
+    tcfg = cfg["tokenizers"][tokenizer]
+    views = tcfg["tokenize"].get("views") or get_family(tcfg["family"]).default_views
+    return ViewSpec.from_dict(views, image_size=cfg["dataset"]["image_size"])
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
-    tcfg = tokenizer_settings(cfg, args.tokenizer_name, args.family)
-    settings = tokenize_settings(tcfg, args.tokenizer_name)
+    import time
+    from pathlib import Path
+
+    from ccalign.config import entry
+    from ccalign.data.cache import CachePlan, extract, finalize, select_shards
+    from ccalign.data.folder import list_image_folder
+    from ccalign.device import resolve_device, world
+    from ccalign.families import get_family
+    from ccalign.io import sha256_file
+    from ccalign.log import get_logger
+    from ccalign.tracking import stage_run
+
+    log = get_logger("tokenize")
+    tcfg = entry(cfg, "tokenizers", args.tokenizer_name)
+    settings = tcfg["tokenize"]
     family = get_family(tcfg["family"])
     device = resolve_device(args.device)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = world()
 
-    tokenizer = family.load_tokenizer(args.tokenizer, tcfg.get("args") or {}).to(device).eval()
+    tokenizer = family.load_tokenizer(args.tokenizer, tcfg["args"]).to(device).eval()
     folder = list_image_folder(Path(args.data, args.split), cfg["dataset"]["num_classes"])
     plan = CachePlan(
         folder=folder,
-        views=view_spec(cfg, tcfg),
+        views=view_spec(cfg, args.tokenizer_name),
         shard_size=settings["shard_size"],
         family=family.name,
-        vocab_size=tokenizer_vocab_size(tokenizer),
-        tokenizer={
-            "name": args.tokenizer_name,
-            "sha256": sha256_file(args.tokenizer),
-            "args": tcfg.get("args") or {},
-        },
+        vocab_size=tokenizer.state_dict()["quantize.embedding.weight"].shape[0],  # both families' key
+        tokenizer={"name": args.tokenizer_name, "sha256": sha256_file(args.tokenizer), "args": tcfg["args"]},
     )
-    shards = select_shards(plan.num_shards, args.shard, rank, world)
+    shards = select_shards(plan.num_shards, args.shard, rank, world_size)
     params = {
         "tokenize.views": plan.views.to_dict(),
         "tokenize.num_views": plan.views.num_views,
         "tokenize.job": f"{args.shard[0]}/{args.shard[1]}",
-        "tokenize.world_size": world,
+        "tokenize.world_size": world_size,
         "tokenize.device": str(device),
         **{f"tokenize.{k}": v for k, v in settings.items() if k != "views"},
     }
-    with stage_run(
-        cfg,
-        stage="tokenize",
-        params=params,
-        tags={"ccalign.tokenizer": args.tokenizer_name},
-        inputs={"tokenizer": args.tokenizer},
-    ) as run:
+    with stage_run(cfg, SPEC.name, args.labels, params=params, inputs={"tokenizer": args.tokenizer}) as run:
         t0 = time.perf_counter()
         counts = extract(
             plan,
@@ -162,3 +135,16 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
                 manifest["seq_len"],
                 len(manifest["shards"]),
             )
+
+
+SPEC = Stage(
+    name="tokenize",
+    help=HELP,
+    outputs={"cache": "cache/{tokenizer}/manifest.json"},
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+    params=("dataset", "tokenizers.{tokenizer}"),
+    folder=True,
+    persist=True,
+)

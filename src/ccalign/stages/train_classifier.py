@@ -1,39 +1,27 @@
-"""``ccalign train-classifier``: the domain feature extractor for small datasets (FID/IS/PRC/class accuracy).
+"""Stage ``train-classifier``: the domain feature extractor for small datasets (FID/IS/PRC/class accuracy).
 
 Trains :class:`ccalign.metrics.domain.DomainClassifier` on the dataset's train image folder with random
 pixel shifts, reports its accuracy on the validation folder when one is given, and writes the checkpoint
-atomically. Settings: ``evaluate.classifier`` (see :data:`DEFAULTS`).
+atomically. Settings: ``evaluate.classifier``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
-from ccalign.log import get_logger
-from ccalign.metrics import domain
-from ccalign.metrics.images import read_image_folder
-from ccalign.tracking import stage_run
+from ccalign.pipeline import Job, Plan, Stage
 
 HELP = "train the small CNN classifier used as the domain feature extractor (FID/IS/PRC on CPU)"
 
-# evaluate.classifier settings; the config schema fills the same defaults.
-DEFAULTS = {
-    "channels": [32, 64],  # conv widths, one block (2 convs + 2x2 max-pool) each
-    "hidden": 128,  # penultimate width: the FID / Precision-Recall feature dimension
-    "dropout": 0.1,
-    "epochs": 20,
-    "batch_size": 64,
-    "lr": 3.0e-3,  # one-cycle peak
-    "weight_decay": 1.0e-4,
-    "shift": 1,  # random translation of up to this many pixels (the embedded study's augmentation)
-    "seed": 0,
-}
 
-log = get_logger(__name__)
+def jobs(plan: Plan) -> Iterator[Job]:
+    if plan.cfg["evaluate"]["extractor"] == "domain":
+        name, data = plan.cfg["dataset"]["name"], plan.dataset_dir()
+        out = plan.path("train_classifier", dataset=name)
+        flags = ["--data", f"{data}/train", "--val", f"{data}/val", "--out", out]
+        yield plan.job("train_classifier", {"dataset": name}, {"dataset": name}, plan.dataset_inputs(), flags)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
-    settings = {**DEFAULTS, **(cfg.get("evaluate", {}).get("classifier") or {})}
+    import time
+
+    import numpy as np
+
+    from ccalign.log import get_logger
+    from ccalign.metrics import domain
+    from ccalign.metrics.images import read_image_folder
+    from ccalign.tracking import stage_run
+
+    log = get_logger("train-classifier")
+    settings = cfg["evaluate"]["classifier"]
     num_classes = cfg["dataset"]["num_classes"]
     images, labels, classes = read_image_folder(args.data, num_classes)
     val = None
@@ -62,21 +60,30 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
     )
 
     params = {f"classifier.{k}": v for k, v in settings.items()}
-    with stage_run(cfg, stage="train-classifier", params=params, inputs={"data": args.data}) as run:
+    with stage_run(cfg, SPEC.name, args.labels, params=params, inputs={"data": args.data}) as run:
         t0 = time.perf_counter()
         model, losses = domain.train(images, labels, len(classes), settings)
         seconds = time.perf_counter() - t0
         for epoch, loss in enumerate(losses):
             run.log_metrics({"train_loss": loss}, step=epoch)
-        metrics = {
-            "train_seconds": seconds,
-            "train_accuracy": float(np.mean(domain.predict(model, images) == labels)),
-        }
+        metrics = {"train_accuracy": float(np.mean(domain.predict(model, images) == labels))}
         if val is not None:
             metrics["val_accuracy"] = float(np.mean(domain.predict(model, val[0]) == val[1]))
-        log.info("classifier: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log.info("classifier (%.1f s): %s", seconds, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        # the checkpoint holds no timings: identical inputs give identical bytes
         domain.save(
             model, args.out, image_size=images.shape[1:3], classes=classes, settings=settings, metrics=metrics
         )
-        run.log_metrics(metrics)
+        run.log_metrics({**metrics, "train_seconds": seconds})
         run.log_artifact(args.out)
+
+
+SPEC = Stage(
+    name="train_classifier",
+    help=HELP,
+    outputs={"classifier": "classifier/{dataset}/classifier.pt"},
+    jobs=jobs,
+    add_arguments=add_arguments,
+    main=main,
+    params=("dataset", "evaluate.classifier"),
+)

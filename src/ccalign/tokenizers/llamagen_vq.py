@@ -12,17 +12,17 @@ Code layout: ``encode(images)`` gives (B, h*w) int64 indices in row-major (h, w)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+
+from ccalign.presets import Presets
 
 
 @dataclass
-class VQArgs:
+class VQArgs(Presets):
     """Every field of the official VQ ``ModelArgs`` plus the base channel count ``ch``."""
 
     codebook_size: int = 16384
@@ -37,18 +37,9 @@ class VQArgs:
     dropout_p: float = 0.0
     ch: int = 128  # encoder/decoder base channels; upstream always uses 128
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VQArgs:
-        if name not in vq_configs:
-            raise ValueError(f"unknown VQ preset {name!r}; expected one of {sorted(vq_configs)}")
-        return cls(**{**vq_configs[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 # Official presets (vq_model.py: VQ_8, VQ_16). downsample factor = 2 ** (len(ch_mult) - 1).
-vq_configs = {
+VQArgs.PRESETS = {
     "VQ-16": dict(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4]),
     "VQ-8": dict(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),
 }
@@ -323,36 +314,3 @@ class VQModel(nn.Module):
                 raise ValueError(f"{codes.shape[1]} codes do not form a square grid; pass grid=(h, w)")
             grid = (side, side)
         return self.decode_latent(self.quantize.lookup(codes, *grid))
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """ADM centre crop as LlamaGen uses it: BOX-halve while large, BICUBIC-resize the short side, crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[top : top + image_size, left : left + image_size])
-
-
-def to_model_input(pil_image: Image.Image) -> torch.Tensor:
-    """ToTensor + Normalize(0.5, 0.5): HWC uint8 image -> (3, H, W) float32 in [-1, 1].
-
-    ``(x/255 - 0.5) / 0.5`` equals the cache's ``2·x/255 - 1`` bit for bit (scaling by 2 is exact and commutes
-    with rounding), so one function serves the official transform and the code cache.
-    """
-    from ccalign.data import views  # views imports this module's center_crop_arr
-
-    return views.to_model_input(np.array(pil_image.convert("RGB"), dtype=np.uint8))
-
-
-def preprocess(pil_image: Image.Image, image_size: int) -> torch.Tensor:
-    """The official c2i code-extraction transform: centre crop to ``image_size``, then [-1, 1] tensor."""
-    return to_model_input(center_crop_arr(pil_image.convert("RGB"), image_size))
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Decoded (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 as CCA's sampler stores it (truncating)."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)

@@ -12,7 +12,7 @@ tensor per scale, coarsest first.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ccalign.presets import Presets
+
 
 @dataclass
-class VQVAEConfig:
+class VQVAEConfig(Presets):
     vocab_size: int = 4096  # V
     z_channels: int = 32  # Cvae, the latent / code dimension
     ch: int = 160  # base channel count of encoder and decoder
@@ -54,28 +56,8 @@ class VQVAEConfig:
     def image_size(self) -> int:
         return self.v_patch_nums[-1] * self.downsample
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VQVAEConfig:
-        if name not in VQVAE_PRESETS:
-            raise ValueError(f"unknown VQVAE preset {name!r}; known: {sorted(VQVAE_PRESETS)}")
-        return cls(**{**VQVAE_PRESETS[name], **overrides})
 
-    @classmethod
-    def from_dict(cls, args: dict) -> VQVAEConfig:
-        """From a config dict of official argument names, optionally with "preset"."""
-        args = dict(args)
-        preset = args.pop("preset", None)
-        known = {f.name for f in fields(cls)}
-        unknown = set(args) - known
-        if unknown:
-            raise ValueError(f"unknown VQVAE arguments {sorted(unknown)}; known: {sorted(known)}")
-        return cls.from_name(preset, **args) if preset else cls(**args)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-VQVAE_PRESETS: dict[str, dict] = {
+VQVAEConfig.PRESETS = {
     # the tokenizer released with VAR (huggingface.co/FoundationVision/var, 256 px, 680 tokens)
     "vae_ch160v4096z32": dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4),
 }

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ccalign.device import resolve_device
+from ccalign.device import resolve_device, world
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class DistEnv:
 
 def init_distributed() -> DistEnv:
     """Join the torchrun process group (if launched by torchrun) and pick this process's device."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = world()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device()  # this process's GPU (LOCAL_RANK) or the CPU
     if device.type == "cuda":
@@ -44,7 +44,7 @@ def init_distributed() -> DistEnv:
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, **({"device_id": device} if device.type == "cuda" else {}))
-    return DistEnv(rank, world, local_rank, device)
+    return DistEnv(rank, world_size, local_rank, device)
 
 
 def barrier() -> None:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ccalign.align.losses import OBJECTIVES
 from ccalign.align.step import TeacherForcing, contrastive_step, mle_step
-from ccalign.io import atomic_write_json
+from ccalign.families import Family
 from ccalign.log import get_logger, progress
 from ccalign.train import checkpoint as ckpt
 from ccalign.train.data import StepSampler, check_dataset, micro_batch_generator
@@ -94,7 +94,7 @@ class _Window:
 
 
 def train(
-    family,
+    family: Family,
     model: nn.Module,
     dataset: Dataset,
     settings: TrainSettings,
@@ -111,8 +111,8 @@ def train(
 
     ``reference`` (contrastive objectives) is the frozen copy of the base model; ``tokenizer`` is passed to
     ``family.logits``. Restarting with the same arguments resumes from ``state_dir``. The final weights go to
-    ``out`` through ``family.save_model`` (EMA weights, when kept, to ``<stem>_ema<suffix>``) with the
-    resolved settings in ``<stem>.json``. ``run``: the stage's tracking run (rank 0 logs metrics to it).
+    ``out`` through ``family.save_model`` (EMA weights, when kept, to ``<stem>_ema<suffix>``). ``run``: the
+    stage's tracking run (rank 0 logs metrics to it).
     """
     s = settings
     contrastive = s.objective in OBJECTIVES
@@ -146,7 +146,7 @@ def train(
     if tokenizer is not None:
         tokenizer.to(env.device).eval().requires_grad_(False)
     lm = TeacherForcing(family, model, tokenizer)
-    no_decay = no_decay_names(lm, family.name)
+    no_decay = no_decay_names(lm, family.no_decay_keys)
     ema = EMA(model) if s.ema is not None else None
     wrapped = wrap(lm, env, fsdp=s.fsdp, param_dtype=param_dtype)
     policy = torch.compile(wrapped) if s.compile else wrapped
@@ -323,7 +323,7 @@ def train(
     if bar is not None:
         bar.close()
 
-    _export(family, model, wrapped, ema, Path(out), env, {**s.to_dict(), "seed": seed, "steps": total})
+    _export(family, model, wrapped, ema, Path(out), env)
     if env.is_main and not s.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     barrier()
@@ -331,9 +331,9 @@ def train(
 
 
 def _export(
-    family, model: nn.Module, wrapped: nn.Module, ema: EMA | None, out: Path, env: DistEnv, meta: dict
+    family: Family, model: nn.Module, wrapped: nn.Module, ema: EMA | None, out: Path, env: DistEnv
 ) -> None:
-    """Final weights in the family's official layout (+ EMA weights and the resolved settings beside them)."""
+    """Final weights in the family's official layout (+ EMA weights beside them)."""
     gather = contextlib.nullcontext()
     if is_fsdp(wrapped):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -346,5 +346,4 @@ def _export(
                 ema_model = copy.deepcopy(model)
                 ema.copy_to(ema_model)
                 family.save_model(ema_model, out.with_name(f"{out.stem}_ema{out.suffix}"))
-            atomic_write_json(meta, out.with_suffix(".json"))
     barrier()

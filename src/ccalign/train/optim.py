@@ -9,35 +9,12 @@ from torch import nn
 
 from ccalign.train.distributed import clean_name
 
-# Parameters without weight decay beyond every tensor with ndim < 2 (LlamaGen's rule, which for its bias-free
-# model equals its FSDP script's "norm" rule). VAR (utils/lr_control.filter_params, called with these keys by
-# VAR/train.py and CCA's VAR_finetune.py) also exempts every bias and these name fragments.
-NO_DECAY_KEYS = {
-    "llamagen": (),
-    "var": (
-        "bias",
-        "cls_token",
-        "start_token",
-        "task_token",
-        "cfg_uncond",
-        "pos_embed",
-        "pos_1LC",
-        "pos_start",
-        "start_pos",
-        "lvl_embed",
-        "gamma",
-        "beta",
-        "ada_gss",
-        "moe_bias",
-        "scale_mul",
-    ),
-}
 LR_HOLD = 0.05  # VAR's 'lin0' schedule: peak LR for the first 5% of the post-warm-up steps, then linear decay
 
 
-def no_decay_names(model: nn.Module, family: str) -> set[str]:
-    """Parameters exempt from weight decay, named on the unwrapped model (FSDP flattens their shapes)."""
-    keys = NO_DECAY_KEYS[family]
+def no_decay_names(model: nn.Module, keys: tuple[str, ...]) -> set[str]:
+    """Parameters exempt from weight decay, named on the unwrapped model (FSDP flattens their shapes): every
+    tensor with ndim < 2 (LlamaGen's rule) and every name containing one of ``keys`` (the family's)."""
     return {n for n, p in model.named_parameters() if p.ndim < 2 or any(k in n for k in keys)}
 
 

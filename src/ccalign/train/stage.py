@@ -1,21 +1,17 @@
-"""What the ``pretrain`` and ``finetune`` stages share: models and data from the config, tracking."""
+"""What the ``pretrain`` and ``finetune`` stages share: their flags, and building a run from the config.
+
+Light at import (the stage modules import it to declare their flags); the training machinery is imported when
+a run starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ccalign.config import entry
-from ccalign.data.dataset import CodeDataset
-from ccalign.families import get_family
-from ccalign.log import get_logger
-from ccalign.tracking import flatten, stage_run
-from ccalign.train.loop import TrainResult, train
-from ccalign.train.settings import resolve_settings
-
-log = get_logger("train.stage")
+if TYPE_CHECKING:
+    from ccalign.train.loop import TrainResult
 
 
 def add_arguments(parser: argparse.ArgumentParser, seed_help: str) -> None:
@@ -37,6 +33,7 @@ def run_stage(
     cfg: dict,
     *,
     stage: str,
+    labels: dict[str, str],
     model_name: str,
     seed: int,
     tokenizer_path: str,
@@ -46,17 +43,25 @@ def run_stage(
     lam: float | None = None,
     base: str | None = None,
 ) -> TrainResult:
-    """Train ``cfg.models[model_name]`` with the ``cfg[stage]`` settings; ``base`` = fine-tune from it.
+    """Train ``cfg.models[model_name]`` with its resolved ``stage`` settings; ``base`` = fine-tune from it.
 
     Without ``base`` the model is built fresh (seeded by ``seed``); with it, the policy and the frozen
     reference are both loaded from ``base``.
     """
+    import torch
+
+    from ccalign.config import entry
+    from ccalign.data.dataset import CodeDataset
+    from ccalign.families import get_family
+    from ccalign.tracking import flatten, stage_run
+    from ccalign.train.loop import train
+    from ccalign.train.settings import TrainSettings
+
     mcfg = entry(cfg, "models", model_name)
     family = get_family(mcfg["family"])
-    run_values = {"objective": objective} | ({"lam": lam} if lam is not None else {})
-    settings = resolve_settings(cfg, model_name, stage, **run_values)
+    settings = TrainSettings.create(objective, 1.0 if lam is None else lam, **mcfg[stage])
     model_args = {**mcfg["args"], **settings.model_args}
-    tokenizer_args = cfg["tokenizers"][mcfg["tokenizer"]].get("args") or {}
+    tokenizer_args = cfg["tokenizers"][mcfg["tokenizer"]]["args"]
 
     dataset = CodeDataset(cache_dir, seed=seed)
     if dataset.family != family.name:
@@ -72,18 +77,10 @@ def run_stage(
         model = family.load_model(base, model_args)
         reference = family.load_model(base, model_args) if objective != "mle" else None
 
-    tags = {
-        "ccalign.model": model_name,
-        "ccalign.family": family.name,
-        "ccalign.seed": seed,
-        "ccalign.objective": objective,
-    }
-    if lam is not None:
-        tags["ccalign.lambda"] = lam
     params = {f"{stage}.resolved.{k}": v for k, v in flatten(settings.to_dict()).items()}
     params.update({f"{stage}.resolved.model_args.{k}": v for k, v in model_args.items()})
     inputs = {"tokenizer": tokenizer_path, "cache": cache_dir} | ({"base": base} if base else {})
-    with stage_run(cfg, stage=stage, tags=tags, params=params, inputs=inputs) as run:
+    with stage_run(cfg, stage, labels, params=params, inputs=inputs) as run:
         return train(
             family,
             model,

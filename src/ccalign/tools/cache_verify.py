@@ -1,26 +1,22 @@
-"""Stage ``cache-verify``: rehash every shard of a code cache; name each bad file and exit non-zero."""
+"""``ccalign cache-verify``: rehash every shard of a code cache; name each bad file and exit non-zero."""
 
 from __future__ import annotations
 
 import argparse
 
-from ccalign.data.cache import load_manifest, verify_cache
-from ccalign.log import get_logger
-from ccalign.tracking import stage_run
-
 HELP = "check a code cache: every missing, truncated or corrupt shard is named; exit status 1 if any"
-
-log = get_logger("cache-verify")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", required=True, metavar="DIR", help="cache directory (holds manifest.json)")
 
 
-def main(cfg: dict, args: argparse.Namespace) -> None:
-    with stage_run(cfg, stage="cache-verify", inputs={"cache": args.cache}) as run:
-        problems = verify_cache(args.cache)
-        run.log_metrics({"problems": len(problems)})
+def main(args: argparse.Namespace) -> None:
+    from ccalign.data.cache import load_manifest, verify_cache
+    from ccalign.log import get_logger
+
+    log = get_logger("cache-verify")
+    problems = verify_cache(args.cache)
     for p in problems:
         log.error("%s: %s", args.cache, p)
     if problems:

@@ -1,0 +1,107 @@
+"""The LlamaGen family: the c2i GPT (``ccalign.models.llamagen``) over VQ codes
+(``ccalign.tokenizers.llamagen_vq``).
+
+Guidance is LlamaGen's ``cfg_scale``: ``logits = uncond + s · (cond − uncond)``, so s = 1 is guidance-free.
+Codes are the raster-order grid, (B, T) with T = block_size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ccalign.models.checkpoint import checkpoint_args, load_weights, save_weights
+from ccalign.models.llamagen import CACHE_KEY_SUFFIXES, ModelArgs, Transformer
+from ccalign.tokenizers.llamagen_vq import VQArgs, VQModel
+
+
+class LlamaGenFamily:
+    name = "llamagen"
+    guidance_free = 1.0
+    # CCA's LlamaGen_sample_ddp.py: no filtering, bf16 weights; kv_cache False = the naive full-pass sampler
+    default_sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_interval": -1, "kv_cache": True}
+    default_precision = "bf16"
+    default_views = {"mode": "tencrop"}  # extract_codes_c2i.py --ten-crop, crop ranges 1.1 and 1.05
+    no_decay_keys = ()  # every tensor with ndim < 2, nothing else (the model has no biases)
+
+    # -- models and tokenizers
+    def build_model(self, args: dict) -> Transformer:
+        return Transformer(ModelArgs.from_dict(args))
+
+    def load_model(self, path: str | os.PathLike, args: dict | None = None) -> Transformer:
+        """Strict load from any official layout, in eval mode (call ``.train()`` to fine-tune)."""
+        model = Transformer(checkpoint_args(ModelArgs, path, args))
+        return load_weights(model, path, ignore=CACHE_KEY_SUFFIXES).eval()
+
+    def save_model(self, model: Transformer, path: str | os.PathLike) -> None:
+        save_weights({"model": model.state_dict()}, path, model.config.to_dict())  # what the samplers read
+
+    def build_tokenizer(self, args: dict) -> VQModel:
+        return VQModel(VQArgs.from_dict(args))
+
+    def load_tokenizer(self, path: str | os.PathLike, args: dict | None = None) -> VQModel:
+        return load_weights(VQModel(checkpoint_args(VQArgs, path, args)), path).eval()
+
+    def save_tokenizer(self, tokenizer: VQModel, path: str | os.PathLike) -> None:
+        save_weights({"model": tokenizer.state_dict()}, path, tokenizer.args.to_dict())
+
+    def tokenizer_loss(self, tokenizer: VQModel, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Pixel MSE + codebook + commitment (+ entropy) loss, for training tiny tokenizers."""
+        recon, _, losses = tokenizer(images)
+        rec = F.mse_loss(recon, images)
+        loss = rec + sum(losses.values())
+        metrics = {"rec": rec.item(), **{k: v.item() for k, v in losses.items()}}
+        if tokenizer.args.codebook_show_usage and tokenizer.training:
+            metrics["codebook_usage"] = tokenizer.quantize.usage()
+        return loss, metrics
+
+    # -- codes
+    def encode(self, tokenizer: VQModel, images: torch.Tensor) -> torch.Tensor:
+        return tokenizer.encode(images)
+
+    def decode(self, tokenizer: VQModel, codes: torch.Tensor) -> torch.Tensor:
+        return tokenizer.decode_codes(codes)
+
+    def to_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """CCA's sampler: clamp(127.5 · x + 128, 0, 255), truncated to uint8, channels last."""
+        return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+    # -- the model on codes
+    def seq_len(self, model: Transformer) -> int:
+        return model.config.block_size
+
+    def vocab_size(self, model: Transformer) -> int:
+        return model.config.vocab_size
+
+    def num_classes(self, model: Transformer) -> int:
+        return model.config.num_classes
+
+    def logits(
+        self, model: Transformer, tokenizer: VQModel, labels: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher forcing as the official fine-tuning call: (B, T, V), logits[:, t] predicts codes[:, t]."""
+        return model(codes[:, :-1], labels)[0]
+
+    def generate(
+        self,
+        model: Transformer,
+        tokenizer: VQModel,
+        labels: torch.Tensor,
+        *,
+        guidance: float,
+        sampling: dict,
+        generator: torch.Generator | Sequence[torch.Generator],
+    ) -> torch.Tensor:
+        """Codes (B, T); ``sampling`` overrides :attr:`default_sampling`."""
+        unknown = sorted(set(sampling) - set(self.default_sampling))
+        if unknown:
+            known = sorted(self.default_sampling)
+            raise ValueError(f"unknown LlamaGen sampling options {unknown}; known: {known}")
+        opts = {**self.default_sampling, **sampling}
+        return model.generate(labels, generator=generator, cfg_scale=guidance, **opts)
+
+
+FAMILY = LlamaGenFamily()
