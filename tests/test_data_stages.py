@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testkit import tiny_tokenizers
+from testkit import run_stage, tiny_tokenizers
 
+from ccalign.config import resolve
 from ccalign.data.dataset import CodeDataset
 from ccalign.data.digits import load_digits_uint8
 from ccalign.families import get_family
 from ccalign.io import atomic_save_torch
-from ccalign.stages import cache_verify, prepare_data, tokenize, train_tokenizer
+from ccalign.tools import cache_verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,26 +32,32 @@ TINY = tiny_tokenizers()
 
 
 def make_cfg(tmp_path: Path, num_classes: int = 10, **tokenizers) -> dict:
-    return {
-        "experiment": "test-data",
-        "data_root": str(tmp_path / "root"),
-        "tracking": {"uri": "http://127.0.0.1:9"},  # unreachable: runs are buffered locally, fast
-        "dataset": {
-            "name": "digits",
-            "source": "sklearn_digits",
-            "num_classes": num_classes,
-            "image_size": 8,
-            "val_count": 500,
-            "seed": 0,
-        },
-        "tokenizers": tokenizers,
-    }
+    """A resolved config with these tokenizers (a tiny VAR one if none) and a model for each."""
+    tokenizers = tokenizers or {"msvq": {"family": "var", "args": TINY["var"]}}
+    models = {f"m_{n}": {"family": t["family"], "tokenizer": n, "args": {}} for n, t in tokenizers.items()}
+    return resolve(
+        {
+            "experiment": "test-data",
+            "data_root": str(tmp_path / "root"),
+            "tracking": {"uri": "http://127.0.0.1:9"},  # unreachable: runs are buffered locally, fast
+            "dataset": {
+                "name": "digits",
+                "source": "sklearn_digits",
+                "num_classes": num_classes,
+                "image_size": 8,
+                "val_count": 500,
+                "seed": 0,
+            },
+            "tokenizers": tokenizers,
+            "models": models,
+        }
+    )
 
 
-def run(stage, cfg: dict, *argv) -> None:
+def verify(*argv) -> None:
     parser = argparse.ArgumentParser()
-    stage.add_arguments(parser)
-    stage.main(cfg, parser.parse_args([str(a) for a in argv]))
+    cache_verify.add_arguments(parser)
+    cache_verify.main(parser.parse_args([str(a) for a in argv]))
 
 
 def tiny_checkpoint(path: Path, family_name: str) -> Path:
@@ -80,21 +87,19 @@ def test_prepare_data_then_tokenize_and_verify_the_embedded_dataset(tmp_path, ca
         }
     }
     with pytest.raises(ValueError, match="10 classes but dataset.num_classes is 9"):
-        run(prepare_data, make_cfg(tmp_path, num_classes=9), "--out", tmp_path / "raw")
+        run_stage("prepare_data", make_cfg(tmp_path, num_classes=9), "--out", tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
     cfg = make_cfg(tmp_path, **tokenizers)
-    run(prepare_data, cfg, "--out", tmp_path / "raw")
+    run_stage("prepare_data", cfg, "--out", tmp_path / "raw")
     assert json.loads((tmp_path / "raw" / "dataset.json").read_text())["train"] == 1297
     ckpt = tiny_checkpoint(tmp_path / "tok.pt", "var")
-    run(
-        tokenize,
+    run_stage(
+        "tokenize",
         cfg,
         "--tokenizer",
         ckpt,
         "--tokenizer-name",
         "msvq",
-        "--family",
-        "var",
         "--data",
         tmp_path / "raw",
         "--split",
@@ -106,13 +111,13 @@ def test_prepare_data_then_tokenize_and_verify_the_embedded_dataset(tmp_path, ca
     assert (len(ds), ds.num_views, ds.seq_len, ds.num_classes, ds.family) == (500, 1, 21, 10, "var")
     labels = [int(p.parent.name) for p in sorted((tmp_path / "raw" / "val").rglob("*.png"))]
     assert [ds[i][1] for i in range(len(ds))] == labels
-    run(cache_verify, cfg, "--cache", tmp_path / "cache")  # intact: returns normally
+    verify("--cache", tmp_path / "cache")  # intact: returns normally
     with open(tmp_path / "cache" / "shard-00002.codes.npy", "r+b") as f:
         f.truncate(100)
     logging.getLogger("ccalign").addHandler(caplog.handler)  # the ccalign logger does not propagate
     try:
         with pytest.raises(SystemExit) as e:
-            run(cache_verify, cfg, "--cache", tmp_path / "cache")
+            verify("--cache", tmp_path / "cache")
     finally:
         logging.getLogger("ccalign").removeHandler(caplog.handler)
     assert e.value.code == 1
@@ -149,8 +154,8 @@ def test_tokenize_an_imagenet_layout_folder_with_ten_crop(tmp_path):
         tmp_path / "c",
     ]
     with pytest.raises(ValueError, match="3 class folders but the config says dataset.num_classes = 1000"):
-        run(tokenize, make_cfg(tmp_path, num_classes=1000, **tokenizers), *argv)
-    run(tokenize, make_cfg(tmp_path, num_classes=3, **tokenizers), *argv)
+        run_stage("tokenize", make_cfg(tmp_path, num_classes=1000, **tokenizers), *argv)
+    run_stage("tokenize", make_cfg(tmp_path, num_classes=3, **tokenizers), *argv)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["classes"] == ["n01443537", "n01530575", "n02085620"]
     assert (manifest["num_views"], manifest["seq_len"], manifest["num_images"]) == (20, 64, 6)
@@ -162,11 +167,9 @@ def test_tokenize_an_imagenet_layout_folder_with_ten_crop(tmp_path):
 
 
 KILLED_RUN = """
-import argparse, json, sys
-from ccalign.stages import tokenize
-parser = argparse.ArgumentParser()
-tokenize.add_arguments(parser)
-tokenize.main(json.loads(sys.argv[1]), parser.parse_args(sys.argv[2:]))
+import json, sys
+from testkit import run_stage
+run_stage("tokenize", json.loads(sys.argv[1]), *sys.argv[2:])
 """
 
 
@@ -193,7 +196,7 @@ def test_sigkill_during_extraction_then_rerun_gives_the_uninterrupted_manifest(t
             str(tmp_path / "killed"),
         ],
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)},
     )
     try:
         while proc.poll() is None and not list((tmp_path / "killed").glob("shard-*.json")):
@@ -205,8 +208,8 @@ def test_sigkill_during_extraction_then_rerun_gives_the_uninterrupted_manifest(t
     done = len(list((tmp_path / "killed").glob("shard-*.json")))
     assert 1 <= done < 16 and not (tmp_path / "killed" / "manifest.json").exists()
 
-    run(tokenize, cfg, *argv, "--out", tmp_path / "killed")  # rerun: resumes
-    run(tokenize, cfg, *argv, "--out", tmp_path / "clean")  # uninterrupted reference
+    run_stage("tokenize", cfg, *argv, "--out", tmp_path / "killed")  # rerun: resumes
+    run_stage("tokenize", cfg, *argv, "--out", tmp_path / "clean")  # uninterrupted reference
     resumed = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert resumed == json.loads((tmp_path / "clean" / "manifest.json").read_text())
     assert len(resumed["shards"]) == 16 and not list((tmp_path / "killed").glob(".*.tmp"))
@@ -227,8 +230,8 @@ def test_train_tokenizer_resumes_to_the_uninterrupted_result(tmp_path, family_na
         "tokenize": {"views": {"mode": "shifts", "pad": 1}},
     }
     argv = ["--name", "tok", "--data", tmp_path / "img"]
-    run(
-        train_tokenizer,
+    run_stage(
+        "train_tokenizer",
         make_cfg(tmp_path, num_classes=3, tok=tcfg),
         *argv,
         "--out",
@@ -236,15 +239,15 @@ def test_train_tokenizer_resumes_to_the_uninterrupted_result(tmp_path, family_na
     )
     # stop half way (a shorter run), then continue to the full length
     half = {**tcfg, "train": {**train, "steps": 2}}
-    run(
-        train_tokenizer,
+    run_stage(
+        "train_tokenizer",
         make_cfg(tmp_path, num_classes=3, tok=half),
         *argv,
         "--out",
         tmp_path / "b" / "tok.pt",
     )
-    run(
-        train_tokenizer,
+    run_stage(
+        "train_tokenizer",
         make_cfg(tmp_path, num_classes=3, tok=tcfg),
         *argv,
         "--out",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccalign.config import ConfigError, config_hash, load_config, model_settings
+from ccalign.config import ConfigError, config_hash, load_config
 from ccalign.io import atomic_dir, atomic_write, load_torch, remove_stale_temps, sha256_file
 from ccalign.tracking import flatten, stage_run
 
@@ -76,12 +76,16 @@ def test_overrides_apply_and_change_hash():
     assert config_hash(a) == config_hash(load_config(DEFAULT))
 
 
-def test_model_settings_overlay(tmp_path):
-    cfg = load_config(DEFAULT, ["models.llamagen_tiny.finetune={lr: 0.5}"])
-    s = model_settings(cfg, "llamagen_tiny", "finetune")
-    assert s["lr"] == 0.5 and s["beta"] == cfg["finetune"]["beta"]
-    with pytest.raises(ConfigError, match="'nope' is not in the config's models"):
-        model_settings(cfg, "nope", "finetune")
+def test_each_model_gets_its_resolved_sections():
+    cfg = load_config(
+        DEFAULT, ["models.llamagen_tiny.finetune.lr=0.5", "finetune.model_args={token_dropout_p: 0.2}"]
+    )
+    s = cfg["models"]["llamagen_tiny"]["finetune"]
+    assert s["lr"] == 0.5 and s["beta"] == cfg["finetune"]["beta"]  # the model's own, then the top level
+    assert s["model_args"] == {"class_dropout_prob": 1e-5, "token_dropout_p": 0.2}  # mappings merge by key
+    assert s["grad_clip"] == 1.0 and s["micro_batch"] is None  # then the schema's defaults
+    assert cfg["models"]["var_tiny"]["finetune"]["lr"] == cfg["finetune"]["lr"]
+    assert cfg["models"]["var_tiny"]["sample"]["per_class"] == cfg["sample"]["per_class"]
 
 
 def test_cli_help():
@@ -101,15 +105,14 @@ def _runs(uri: str, experiment: str):
 
 
 def test_stage_run_records_lineage(tmp_path, monkeypatch):
-    monkeypatch.setenv("CCALIGN_RULE", "finetune")
-    monkeypatch.setenv("CCALIGN_WILDCARDS", "model=llamagen_tiny,lam=1.0")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cfg = load_config(DEFAULT, [f"data_root={tmp_path}", "tracking.defer=false"])
     inp = tmp_path / "input.bin"
     inp.write_bytes(b"abc")
     art = tmp_path / "artifact.txt"
     art.write_text("hello")
-    with stage_run(cfg, "finetune", tags={"model": "llamagen_tiny"}, inputs={"base": inp}) as run:
+    labels = {"family": "llamagen", "model": "llamagen_tiny", "seed": "0", "objective": "cca", "lambda": "1"}
+    with stage_run(cfg, "finetune", labels, tags={"extra": "x"}, inputs={"base": inp}) as run:
         run.log_metrics({"loss": 1.5}, step=1)
         run.log_metrics({"loss": 1.0}, step=2)
         run.log_artifact(art)
@@ -119,9 +122,9 @@ def test_stage_run_records_lineage(tmp_path, monkeypatch):
     r = runs[0]
     assert r.info.status == "FINISHED"
     tags = r.data.tags
-    assert tags["ccalign.stage"] == "finetune" and tags["model"] == "llamagen_tiny"
-    assert tags["snakemake.rule"] == "finetune" and tags["slurm.job_id"] == "4242"
-    assert tags["snakemake.wildcards"] == "model=llamagen_tiny,lam=1.0"
+    assert {k: tags[k] for k in labels} == labels and tags["stage"] == "finetune" and tags["extra"] == "x"
+    assert r.info.run_name == "finetune · llamagen_tiny · cca λ=1 · seed 0"
+    assert tags["slurm.job_id"] == "4242"
     assert tags["ccalign.config_hash"] == config_hash(cfg)
     assert tags["input.base.sha256"] == sha256_file(inp)
     assert "git.commit" in tags or not (ROOT / ".git").exists()
@@ -144,20 +147,20 @@ def test_unreachable_server_buffers_then_replays(tmp_path):
     ]
     cfg = load_config(DEFAULT, overrides)
     t0 = time.time()
-    with stage_run(cfg, "sample") as run:
+    with stage_run(cfg, "sample", {}) as run:
         run.log_metrics({"images_per_s": 12.0})
     assert time.time() - t0 < 60
     pending = list((tmp_path / "mlflow" / "pending").glob("*.json"))
     assert len(pending) == 1 and "images_per_s" in pending[0].read_text()
     # The next stage that reaches a store replays the buffered run.
     cfg["tracking"]["uri"] = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
-    with stage_run(cfg, "evaluate"):
+    with stage_run(cfg, "evaluate", {}):
         pass
     assert not list((tmp_path / "mlflow" / "pending").glob("*.json"))
     client, runs = _runs(cfg["tracking"]["uri"], cfg["experiment"])
-    stages = sorted(r.data.tags["ccalign.stage"] for r in runs)
+    stages = sorted(r.data.tags["stage"] for r in runs)
     assert stages == ["evaluate", "sample"]
-    replayed = next(r for r in runs if r.data.tags["ccalign.stage"] == "sample")
+    replayed = next(r for r in runs if r.data.tags["stage"] == "sample")
     assert replayed.data.metrics["images_per_s"] == 12.0
 
 
@@ -166,7 +169,7 @@ import sys, time
 from ccalign.config import load_config
 from ccalign.tracking import stage_run
 cfg = load_config(sys.argv[1], [f"data_root={sys.argv[2]}", "tracking.defer=true"])
-with stage_run(cfg, sys.argv[3]) as run:
+with stage_run(cfg, sys.argv[3], {}) as run:
     run.log_metrics({"loss": 2.0}, step=1)
     time.sleep(0.05)
 assert not any(m == "mlflow" or m.startswith("mlflow.") for m in sys.modules), "MLflow was imported"
@@ -183,21 +186,21 @@ def test_deferred_runs_skip_mlflow_and_the_sender_keeps_their_times(tmp_path):
         )
     pending = sorted((tmp_path / "mlflow" / "pending").glob("*.json"))
     assert len(pending) == 2 and not (tmp_path / "mlflow" / "mlflow.db").exists()
-    records = {json.loads(p.read_text())["tags"]["ccalign.stage"]: json.loads(p.read_text()) for p in pending}
+    records = {json.loads(p.read_text())["tags"]["stage"]: json.loads(p.read_text()) for p in pending}
     # a record another process has claimed (renamed) is left to it
     claimed = pending[0].with_suffix(".sending-1")
     pending[0].rename(claimed)
     cfg = load_config(DEFAULT, [f"data_root={tmp_path}"])
-    with stage_run(cfg, "report", defer=False):
+    with stage_run(cfg, "report", {}, defer=False):
         pass
     client, runs = _runs(f"sqlite:///{tmp_path}/mlflow/mlflow.db", cfg["experiment"])
     assert len(runs) == 2 and claimed.exists()
     claimed.rename(pending[0])
-    with stage_run(cfg, "report", defer=False):
+    with stage_run(cfg, "report", {}, defer=False):
         pass
     client, runs = _runs(f"sqlite:///{tmp_path}/mlflow/mlflow.db", cfg["experiment"])
-    assert sorted(r.data.tags["ccalign.stage"] for r in runs) == ["pretrain", "report", "report", "sample"]
-    by_stage = {r.data.tags["ccalign.stage"]: r for r in runs}
+    assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain", "report", "report", "sample"]
+    by_stage = {r.data.tags["stage"]: r for r in runs}
     assert not list((tmp_path / "mlflow" / "pending").glob("*"))
     for stage, rec in records.items():
         run = by_stage[stage]

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from ccalign.families import get_family
-from ccalign.models.checkpoint import CheckpointError
-from ccalign.models.llamagen import (
-    ModelArgs,
-    Transformer,
-    configs,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ccalign.models.checkpoint import CheckpointError, load_weights
+from ccalign.models.llamagen import CACHE_KEY_SUFFIXES, ModelArgs, Transformer
 from ccalign.models.sampling import draw_uniform, sample_from_probs
 
 FAMILY = get_family("llamagen")
@@ -41,7 +37,7 @@ PRESET_TOLERANCE = 0.01  # published sizes are rounded to 3 significant figures 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_preset_parameter_counts(name):
     """ImageNet 256 px defaults (vocab 16384, 1000 classes + null), built on the meta device."""
-    assert set(configs) == set(PUBLISHED)
+    assert set(ModelArgs.PRESETS) == set(PUBLISHED)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_name(name))
     n = sum(p.numel() for p in model.parameters())
@@ -105,26 +101,31 @@ def test_wrong_missing_and_misshaped_keys_are_named(tmp_path):
         path = tmp_path / f"{name}.pt"
         torch.save({"model": bad}, path)
         with pytest.raises(CheckpointError) as err:
-            load_checkpoint(Transformer(ModelArgs(**TINY_EVAL)), path)
+            load_weights(Transformer(ModelArgs(**TINY_EVAL)), path, ignore=CACHE_KEY_SUFFIXES)
         assert needle in str(err.value) and str(path) in str(err.value), name
     path = tmp_path / "junk.pt"
     torch.save({"optimizer": {"lr": 1.0}}, path)
     with pytest.raises(CheckpointError, match="optimizer"):
-        load_checkpoint(Transformer(ModelArgs(**TINY_EVAL)), path)
+        load_weights(Transformer(ModelArgs(**TINY_EVAL)), path, ignore=CACHE_KEY_SUFFIXES)
 
 
 def test_save_writes_official_layout_atomically(tmp_path):
     model = tiny_model(seed=2)
     path = tmp_path / "out" / "model.pt"
     FAMILY.save_model(model, path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temp file left behind
+    # no temp file left behind; the constructor arguments beside the weights
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.args.json", "model.pt"]
     obj = torch.load(path, weights_only=True)
-    assert list(obj["model"]) == list(model.state_dict())
-    assert obj["model_args"] == model.config.to_dict()
-    again = FAMILY.load_model(path, obj["model_args"])
+    assert list(obj) == ["model"] and list(obj["model"]) == list(model.state_dict())  # what samplers read
+    assert json.loads((path.parent / "model.args.json").read_text()) == model.config.to_dict()
+    again = FAMILY.load_model(path)  # the saved arguments are enough
+    assert again.config == model.config
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
-    save_checkpoint(model, tmp_path / "plain.pt")
-    assert list(torch.load(tmp_path / "plain.pt", weights_only=True)) == ["model"]
+    overridden = FAMILY.load_model(path, {"token_dropout_p": 0.5})  # the config's values win
+    assert overridden.config.token_dropout_p == 0.5 and overridden.config.dim == model.config.dim
+    (path.parent / "model.args.json").unlink()
+    with pytest.raises(CheckpointError, match="model.args.json"):  # a released checkpoint needs the config's
+        FAMILY.load_model(path)
 
 
 def test_caches_never_enter_state_dict():

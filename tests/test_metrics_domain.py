@@ -36,7 +36,7 @@ def _cfg(tmp: Path) -> dict:
     """The embedded config with an unreachable tracking server: runs are buffered under data_root."""
     cfg = load_config(ROOT / "config" / "config.yaml", [f"data_root={tmp}"])
     cfg["tracking"]["uri"] = f"http://127.0.0.1:{_closed_port()}"
-    cfg["evaluate"]["classifier"] = {**train_classifier.DEFAULTS, "epochs": 10, "batch_size": 32}
+    cfg["evaluate"]["classifier"] |= {"epochs": 10, "batch_size": 32}
     cfg["evaluate"] |= SETTINGS
     return cfg
 
@@ -64,7 +64,7 @@ def digits(tmp_path_factory) -> Path:
 def classifier(digits, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("clf") / "classifier.pt"
     cfg = _cfg(out.parent)
-    args = argparse.Namespace(data=digits / "train", val=digits / "val", out=out)
+    args = argparse.Namespace(data=digits / "train", val=digits / "val", out=out, labels={})
     train_classifier.main(cfg, args)
     return out, cfg
 
@@ -139,6 +139,7 @@ def test_evaluate_stage_with_the_domain_extractor(classifier, digits, tmp_path):
         inception_weights=None,
         classifier=path,
         out=out,
+        labels={},
     )
     evaluate_stage.main(cfg, args)
     record = json.loads(out.read_text())
@@ -165,6 +166,7 @@ def test_evaluate_rejects_labels_outside_the_classifier(classifier, digits, tmp_
         inception_weights=None,
         classifier=path,
         out=tmp_path / "m.json",
+        labels={},
     )
     with pytest.raises(ValueError, match=r"labels span \[10, 10\] but the classifier has 10 classes"):
         evaluate_stage.main(cfg, args)
@@ -182,6 +184,7 @@ def test_evaluate_names_a_corrupt_samples_file(classifier, digits, tmp_path):
         inception_weights=None,
         classifier=path,
         out=tmp_path / "m.json",
+        labels={},
     )
     with pytest.raises(ValueError, match="not a readable .npz") as err:
         evaluate_stage.main(cfg, args)

@@ -112,7 +112,7 @@ def _run_stage(tmp_path: Path, weights: Path, samples: Path, reference: Path) ->
     out = tmp_path / "metrics.json"
     args = argparse.Namespace(
         samples=samples, reference=reference, extractor="inception", inception_weights=weights,
-        classifier=None, out=out,
+        classifier=None, out=out, labels={},
     )  # fmt: skip
     evaluate_stage.main(cfg, args)
     return json.loads(out.read_text())

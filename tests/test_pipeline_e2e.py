@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ccalign.workflow import Plan
 
 from ccalign.config import load_config
-from ccalign.workflow import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

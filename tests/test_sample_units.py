@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ccalign.families import get_family
 from ccalign.sample.generate import SampleSpec, sample_seed, to_uint8
 from ccalign.sample.shards import (
     Shard,
@@ -67,22 +68,22 @@ def test_rank_shards_partition_the_plan(world_size):
 def test_llamagen_pixels_follow_the_official_formula():
     x = torch.tensor([-1.2, -1.0, -0.5, 0.0, 0.999, 1.0, 1.3]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
     # clamp(127.5 x + 128, 0, 255) then truncation: -0.5 -> 64.25 -> 64, 0 -> 128, 0.999 -> 255.37 -> 255
-    assert to_uint8("llamagen", x)[0, 0, :, 0].tolist() == [0, 0, 64, 128, 255, 255, 255]
+    assert to_uint8(get_family("llamagen"), x)[0, 0, :, 0].tolist() == [0, 0, 64, 128, 255, 255, 255]
 
 
 def test_var_pixels_follow_the_official_formula():
     x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
     # (x + 1) * 0.5 * 255 truncated: 0 -> 127 (not 128 as LlamaGen), 0.5 -> 191.25 -> 191
-    assert to_uint8("var", x)[0, 0, :, 0].tolist() == [0, 63, 127, 191, 255]
+    assert to_uint8(get_family("var"), x)[0, 0, :, 0].tolist() == [0, 63, 127, 191, 255]
 
 
 def test_resize_is_bicubic_before_conversion():
     x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = to_uint8("llamagen", x, size=8)
+    out = to_uint8(get_family("llamagen"), x, size=8)
     assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
     ref = torch.clamp(127.5 * F.interpolate(x, size=(8, 8), mode="bicubic") + 128, 0, 255)
     assert np.array_equal(out, ref.permute(0, 2, 3, 1).to(torch.uint8).numpy())
-    assert to_uint8("llamagen", x, size=12).shape == (2, 12, 12, 3)
+    assert to_uint8(get_family("llamagen"), x, size=12).shape == (2, 12, 12, 3)
 
 
 def _shard(tmp_path: Path, shard: Shard, fp: str = "spec-a") -> np.ndarray:

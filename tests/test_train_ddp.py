@@ -40,7 +40,8 @@ CHILD = textwrap.dedent("""
         reference = FAMILY.build_model(args)
         reference.load_state_dict(model.state_dict())
         out = os.path.join(sys.argv[1], mode, "model.pt")
-        train(FAMILY, model, tiny_data(), TrainSettings(**settings, fsdp=mode == "fsdp"), seed=3, out=out,
+        run = TrainSettings.create(**settings, fsdp=mode == "fsdp")
+        train(FAMILY, model, tiny_data(), run, seed=3, out=out,
               state_dir=os.path.join(sys.argv[1], mode, "state"), reference=reference)
 """)
 

@@ -95,7 +95,7 @@ CHILD = textwrap.dedent("""
 
     checkpoint.atomic_save_torch = dying_save
     model, reference = tiny_models()
-    result = train(FAMILY, model, tiny_data(), TrainSettings(**SETTINGS), seed=7, out=out,
+    result = train(FAMILY, model, tiny_data(), TrainSettings.create(**SETTINGS), seed=7, out=out,
                    state_dir=os.path.join(os.path.dirname(out), "state"), reference=reference)
     print("RESUMED_FROM", result.resumed_from)
 """)
@@ -155,7 +155,8 @@ def test_resume_after_sigkill_is_identical(tmp_path: Path):
         assert_identical(a[key], b[key], key)
     for name in ("model.pt", "model_ema.pt"):
         assert_identical(*(torch.load(d / name, weights_only=True) for d in (killed, straight)), name)
-    assert (straight / "model.json").is_file()
+    for name in ("model.args.json", "model_ema.args.json"):  # the constructor arguments beside each
+        assert (killed / name).read_text() == (straight / name).read_text()
 
 
 def test_state_of_another_run_is_refused(tmp_path: Path):
@@ -165,7 +166,7 @@ def test_state_of_another_run_is_refused(tmp_path: Path):
         FAMILY,
         model,
         tiny_data(),
-        TrainSettings(**settings),
+        TrainSettings.create(**settings),
         seed=0,
         out=tmp_path / "m.pt",
         state_dir=tmp_path / "state",
@@ -177,7 +178,7 @@ def test_state_of_another_run_is_refused(tmp_path: Path):
             FAMILY,
             model,
             tiny_data(),
-            TrainSettings(**dict(settings, lam=5.0)),
+            TrainSettings.create(**dict(settings, lam=5.0)),
             seed=0,
             out=tmp_path / "m.pt",
             state_dir=tmp_path / "state",
@@ -188,7 +189,7 @@ def test_state_of_another_run_is_refused(tmp_path: Path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs_and_saves_the_scaler(tmp_path: Path, precision: str):
     model, reference = tiny_models()
-    settings = TrainSettings(**dict(SETTINGS, precision=precision, max_steps=2, ckpt_every=2))
+    settings = TrainSettings.create(**dict(SETTINGS, precision=precision, max_steps=2, ckpt_every=2))
     result = train(
         FAMILY,
         model,
@@ -213,7 +214,7 @@ def test_pretrain_mle_from_scratch_learns(tmp_path: Path):
     codes = torch.stack([torch.tensor([1, 5, 9, 13]), torch.tensor([2, 2, 3, 3]), torch.tensor([7, 0, 7, 0])])
     data = TensorDataset(codes[labels], labels)
     model, _ = tiny_models()
-    settings = TrainSettings(
+    settings = TrainSettings.create(
         objective="mle",
         lr=1e-2,
         global_batch=12,
@@ -250,7 +251,7 @@ def test_pretrain_mle_from_scratch_learns(tmp_path: Path):
 def test_bad_input_is_one_clear_error(tmp_path: Path, kwargs, data, match):
     model, reference = tiny_models()
     with pytest.raises(ValueError, match=match):
-        settings = TrainSettings(**dict(SETTINGS, **kwargs))
+        settings = TrainSettings.create(**dict(SETTINGS, **kwargs))
         train(
             FAMILY,
             model,
@@ -273,7 +274,7 @@ def test_cache_manifest_mismatch_is_refused(tmp_path: Path):
             FAMILY,
             model,
             Cache(*tiny_data().tensors),
-            TrainSettings(**SETTINGS),
+            TrainSettings.create(**SETTINGS),
             seed=0,
             out=tmp_path / "m.pt",
             state_dir=tmp_path / "s",
@@ -310,11 +311,11 @@ def test_lr_and_weight_decay_schedules():
 
 def test_no_decay_groups_follow_the_official_rules():
     model, _ = tiny_models()
-    names = no_decay_names(model, "llamagen")
+    names = no_decay_names(model, get_family("llamagen").no_decay_keys)
     assert names == {n for n, p in model.named_parameters() if p.ndim < 2}  # the RMSNorm weights
     assert "norm.weight" in names and "tok_embeddings.weight" not in names
     var = get_family("var").build_model(dict(depth=2, V=16, Cvae=4, num_classes=3, patch_nums=[1, 2]))
-    names = no_decay_names(var, "var")
+    names = no_decay_names(var, get_family("var").no_decay_keys)
     for n, p in var.named_parameters():
         exempt = (
             p.ndim < 2

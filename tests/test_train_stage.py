@@ -6,19 +6,20 @@ URI nobody answers, so the run is recorded in the offline buffer (data_root/mlfl
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from testkit import run_stage, stage_args
 
-from ccalign.config import validate
+from ccalign import cli
+from ccalign.config import resolve
 from ccalign.data.cache import FORMAT, MANIFEST, shard_files
 from ccalign.families import get_family
-from ccalign.models.llamagen import save_checkpoint
-from ccalign.stages import finetune, pretrain
+from ccalign.pipeline import stages
 from ccalign.train.stage import state_dir_for
 
 FAMILY = get_family("llamagen")
@@ -71,7 +72,7 @@ def make_config(root: Path) -> dict:
         "experiment": "test-train-stage",
         "data_root": str(root / "data"),
         "tracking": {"uri": "http://127.0.0.1:9"},  # refused at once: offline buffer
-        "dataset": {"name": "toy", "source": "imagefolder", "num_classes": 3},
+        "dataset": {"name": "toy", "source": "imagefolder", "num_classes": 3, "image_size": 8},
         "tokenizers": {"vq": {"family": "llamagen", "args": TOKENIZER_ARGS}},
         "models": {
             "tiny": {
@@ -94,13 +95,7 @@ def make_config(root: Path) -> dict:
             "keep_dropout": True,
         },
     }
-    return validate(cfg)
-
-
-def stage_args(module, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
+    return resolve(cfg)
 
 
 def pending_runs(cfg: dict) -> list[dict]:
@@ -114,28 +109,18 @@ def test_pretrain_then_finetune_stages(tmp_path: Path):
     cfg = make_config(tmp_path)
     cache, tok = tmp_path / "cache", tmp_path / "tokenizer.pt"
     write_cache(cache)
-    save_checkpoint(FAMILY.build_tokenizer(TOKENIZER_ARGS), tok)
+    FAMILY.save_tokenizer(FAMILY.build_tokenizer(TOKENIZER_ARGS), tok)
     base, tuned = tmp_path / "pretrain" / "model.pt", tmp_path / "ft" / "cca_lam2.0" / "model.pt"
 
-    pretrain.main(
-        cfg,
-        stage_args(
-            pretrain,
-            [
-                "--model",
-                "tiny",
-                "--seed",
-                "0",
-                "--tokenizer",
-                str(tok),
-                "--cache",
-                str(cache),
-                "--out",
-                str(base),
-            ],
-        ),
+    run_stage(
+        "pretrain", cfg, "--model", "tiny", "--seed", 0, "--tokenizer", tok, "--cache", cache, "--out", base
     )
+    labels = "family=llamagen,model=tiny,seed=1,objective=cca,lambda=2"
     argv = [
+        "--labels",
+        labels,
+        "--record",
+        f"{tuned}.job.json",
         "--model",
         "tiny",
         "--seed",
@@ -153,21 +138,26 @@ def test_pretrain_then_finetune_stages(tmp_path: Path):
         "--out",
         str(tuned),
     ]
-    finetune.main(cfg, stage_args(finetune, argv))
+    with mock.patch("ccalign.cli.load_config", lambda *a: cfg):  # the CLI's path: work, then the record
+        cli.run_stage(stages()["finetune"], stage_args("finetune", *argv))
 
     model = FAMILY.load_model(tuned, MODEL_ARGS)  # the official layout, loadable strictly
     assert not torch.equal(
         model.state_dict()["output.weight"], FAMILY.load_model(base, MODEL_ARGS).output.weight
     )
-    meta = json.loads(tuned.with_suffix(".json").read_text())
-    assert meta["objective"] == "cca" and meta["lam"] == 2.0 and meta["lr"] == 1e-3 and meta["steps"] == 5
-    assert meta["model_args"] == {"class_dropout_prob": 1e-5}
+    assert FAMILY.load_model(tuned).config.class_dropout_prob == 1e-5  # the arguments it was trained with
+    record = json.loads(Path(f"{tuned}.job.json").read_text())
+    assert record["stage"] == "finetune" and record["labels"]["lambda"] == "2"
+    resolved = record["values"]["models.tiny.finetune"]
+    assert resolved["lr"] == 1e-3 and resolved["beta"] == 0.1  # the model's own, then the top level
+    assert resolved["model_args"] == {"class_dropout_prob": 1e-5}
     assert not state_dir_for(tuned).exists()
 
-    runs = {r["tags"]["ccalign.stage"]: r for r in pending_runs(cfg)}
+    runs = {r["tags"]["stage"]: r for r in pending_runs(cfg)}
     assert set(runs) == {"pretrain", "finetune"}
     ft = runs["finetune"]
-    assert ft["status"] == "FINISHED" and ft["tags"]["ccalign.lambda"] == "2.0"
+    assert ft["status"] == "FINISHED" and ft["tags"]["lambda"] == "2"
+    assert ft["run_name"] == "finetune · tiny · cca λ=2 · seed 1"
     assert ft["params"]["finetune.resolved.lam"] == "2.0" and ft["params"]["finetune.resolved.beta"] == "0.1"
     logged = {name for name, *_ in ft["metrics"]}
     assert {
@@ -189,7 +179,7 @@ def test_pretrain_then_finetune_stages(tmp_path: Path):
 def test_finetune_refuses_a_cache_of_another_family_or_vocabulary(tmp_path: Path):
     cfg = make_config(tmp_path)
     tok, base = tmp_path / "tokenizer.pt", tmp_path / "base.pt"
-    save_checkpoint(FAMILY.build_tokenizer(TOKENIZER_ARGS), tok)
+    FAMILY.save_tokenizer(FAMILY.build_tokenizer(TOKENIZER_ARGS), tok)
     FAMILY.save_model(FAMILY.build_model(MODEL_ARGS), base)
     for name, kwargs, match in [
         ("var", dict(family="var"), "made by a var tokenizer"),
@@ -215,4 +205,4 @@ def test_finetune_refuses_a_cache_of_another_family_or_vocabulary(tmp_path: Path
             str(tmp_path / "o" / "m.pt"),
         ]
         with pytest.raises(ValueError, match=match):
-            finetune.main(cfg, stage_args(finetune, argv))
+            run_stage("finetune", cfg, *argv)

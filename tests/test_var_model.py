@@ -7,17 +7,11 @@ import functools
 import pytest
 import torch
 
-from ccalign.models.var import (
-    PUBLISHED_PARAMS,
-    VAR,
-    VAR_PRESETS,
-    VARConfig,
-    VARFamily,
-    filter_top_k_top_p,
-)
+from ccalign.families import get_family
+from ccalign.models.var import PUBLISHED_PARAMS, VAR, VARConfig, filter_top_k_top_p
 from ccalign.tokenizers.var_vqvae import PhiBank, VQVAEConfig
 
-FAMILY = VARFamily()
+FAMILY = get_family("var")
 PATCH_NUMS = (1, 2, 3, 4)
 # two levels: 8 px images, cheap to encode and decode
 TOKENIZER_ARGS = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=PATCH_NUMS)
@@ -54,8 +48,8 @@ def test_exact_d16_size_and_presets_overridable():
     assert sum(p.numel() for p in model.parameters()) == 310_283_520  # the official d16 count
     cfg = VARConfig.from_dict({"preset": "d20", "num_classes": 7})
     assert (cfg.depth, cfg.embed_dim, cfg.num_classes) == (20, 1280, 7)
-    assert set(VAR_PRESETS) >= {"d16", "d20", "d24", "d30"}
-    with pytest.raises(ValueError, match="unknown VAR arguments"):
+    assert set(VARConfig.PRESETS) >= {"d16", "d20", "d24", "d30"}
+    with pytest.raises(ValueError, match="unknown VARConfig arguments"):
         VARConfig.from_dict({"depth": 2, "n_layer": 3})
 
 
@@ -128,7 +122,7 @@ def test_generation_is_reproducible():
     model, tokenizer = tiny()
     labels = torch.tensor([1, 2, 3, 4])
     sampling = dict(FAMILY.default_sampling)
-    assert sampling == {"top_k": 900, "top_p": 0.96, "more_smooth": False}
+    assert sampling == {"top_k": 900, "top_p": 0.96, "more_smooth": False, "kv_cache": True}
 
     def run(seed, guidance=1.5, **extra):
         g = torch.Generator().manual_seed(seed)
@@ -246,7 +240,9 @@ def test_save_model_official_layout_atomic(tmp_path):
     model, _ = tiny()
     path = tmp_path / "out" / "model.pt"
     FAMILY.save_model(model, path)
-    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
+    # no temporary file left behind; the constructor arguments beside the weights
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.args.json", "model.pt"]
+    assert FAMILY.load_model(path).cfg == model.cfg
     sd = torch.load(path, weights_only=True)
     assert list(sd) == list(model.state_dict())  # raw state dict, like the released var_d*.pth
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())

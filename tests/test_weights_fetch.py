@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import ccalign.tracking as tracking
 from ccalign.stages import fetch as fetch_stage
 from ccalign.weights import Artifact, ChecksumError, OfflineError, ResumableDownloader, fetch, read_lock
 
@@ -293,8 +294,8 @@ def test_stage_fetches_what_the_config_needs_one_run_each(tmp_path, monkeypatch)
     runs = []
 
     @contextmanager
-    def fake_stage_run(cfg, stage, tags=None, params=None, inputs=None):
-        rec = {"stage": stage, "tags": dict(tags), "params": dict(params), "metrics": {}}
+    def fake_stage_run(cfg, stage, labels, tags=None, params=None, inputs=None):
+        rec = {"stage": stage, "tags": {**labels, **tags}, "params": dict(params), "metrics": {}}
 
         class Run:
             def set_tags(self, t):
@@ -309,7 +310,7 @@ def test_stage_fetches_what_the_config_needs_one_run_each(tmp_path, monkeypatch)
         runs.append(rec)
         yield Run()
 
-    monkeypatch.setattr(fetch_stage, "stage_run", fake_stage_run)
+    monkeypatch.setattr(tracking, "stage_run", fake_stage_run)
     manifest = tmp_path / "weights.yaml"
     dest = tmp_path / "weights"
     with serve({"/ref.npz": GOOD, "/other.npz": BAD}) as (st, base):
@@ -325,6 +326,7 @@ def test_stage_fetches_what_the_config_needs_one_run_each(tmp_path, monkeypatch)
             lock=None,
             cache_dir=None,
             offline=False,
+            labels={},
         )
         fetch_stage.main({"evaluate": {"reference": str(dest / "eval/ref.npz")}}, args)
     assert files_under(dest) == [

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+from ccalign.cli import build_parser
+from ccalign.pipeline import stages
+
+
+def stage_args(name: str, *argv) -> argparse.Namespace:
+    """The flags of stage ``name`` as the CLI parses them (no labels, no record unless given)."""
+    command = stages()[name].command
+    return build_parser(command).parse_args([command, *map(str, argv)])
+
+
+def run_stage(name: str, cfg: dict, *argv) -> None:
+    """Stage ``name``'s work on a resolved ``cfg``, with its flags parsed by the CLI."""
+    stages()[name].main(cfg, stage_args(name, *argv))
 
 
 def tiny_tokenizers() -> dict[str, dict]:

@@ -1,9 +1,9 @@
-# The plan of this invocation and the functions every rule reads it with (ccalign.pipeline).
+# The plan of this invocation and the functions the rules read it with (ccalign.pipeline).
 #
-# Each rule below is one stage of ccalign.stages: its outputs are the stage's declared patterns (a test holds
-# them equal), its inputs, command, config values, code and resources come from the job the plan made for the
-# rule's wildcards. The config is validated and resolved by ccalign.config, as `ccalign <stage>` does; an
-# invalid config stops here with one line naming the file (or --config value) and the key.
+# Every rule is one stage of ccalign.stages. Its outputs are the stage's declared patterns (a test holds them
+# equal); its inputs, command, config values, code and resources come from the job the plan made for the
+# wildcards. The config is validated and resolved by ccalign.config, as `ccalign <stage>` does, and an invalid
+# config stops here with one line naming the file (or --config value) and the key.
 import json
 import os
 import sys

@@ -14,6 +14,8 @@ rule prepare_data:
         logs("prepare_data/{dataset}.log"),
     benchmark:
         benchmarks("prepare_data/{dataset}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("prepare_data")
     resources:
         **resources("prepare_data"),
@@ -37,6 +39,8 @@ rule train_tokenizer:
         logs("train_tokenizer/{tokenizer}.log"),
     benchmark:
         benchmarks("train_tokenizer/{tokenizer}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("train_tokenizer")
     resources:
         **resources("train_tokenizer"),
@@ -60,6 +64,8 @@ rule tokenize:
         logs("tokenize/{tokenizer}.log"),
     benchmark:
         benchmarks("tokenize/{tokenizer}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("tokenize")
     resources:
         **resources("tokenize"),

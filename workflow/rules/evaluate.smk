@@ -16,6 +16,8 @@ rule train_classifier:
         logs("train_classifier/{dataset}.log"),
     benchmark:
         benchmarks("train_classifier/{dataset}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("train_classifier")
     resources:
         **resources("train_classifier"),
@@ -41,6 +43,8 @@ rule evaluate:
         logs("evaluate/{family}/{model}/seed{seed}/{variant}/g{guidance}.log"),
     benchmark:
         benchmarks("evaluate/{family}/{model}/seed{seed}/{variant}/g{guidance}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("evaluate")
     resources:
         **resources("evaluate"),

@@ -18,6 +18,8 @@ rule pretrain:
         logs("pretrain/{family}/{model}/seed{seed}.log"),
     benchmark:
         benchmarks("pretrain/{family}/{model}/seed{seed}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("pretrain")
     resources:
         **resources("pretrain"),
@@ -43,6 +45,8 @@ rule finetune:
         logs("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}.log"),
     benchmark:
         benchmarks("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("finetune")
     resources:
         **resources("finetune"),

@@ -19,6 +19,8 @@ rule report:
         logs("report.log"),
     benchmark:
         benchmarks("report.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("report")
     resources:
         **resources("report"),

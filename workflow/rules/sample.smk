@@ -18,6 +18,8 @@ rule sample:
         logs("sample/{family}/{model}/seed{seed}/{variant}/g{guidance}.log"),
     benchmark:
         benchmarks("sample/{family}/{model}/seed{seed}/{variant}/g{guidance}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("sample")
     resources:
         **resources("sample"),

@@ -16,6 +16,8 @@ rule fetch:
         logs("fetch/{artifact}.log"),
     benchmark:
         benchmarks("fetch/{artifact}.tsv")
+    conda:
+        "../envs/ccalign.yaml"
     threads: threads("fetch")
     resources:
         **resources("fetch"),
