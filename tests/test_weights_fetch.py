@@ -10,10 +10,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 
 from ccalign.stages import fetch as fetch_stage
-from ccalign.weights import Artifact, ChecksumError, OfflineError, ResumableDownloader, fetch, read_lock
+from ccalign.weights import (
+    Artifact,
+    ChecksumError,
+    FetchError,
+    OfflineError,
+    ResumableDownloader,
+    fetch,
+    read_lock,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 1 << 14  # write granularity of both downloaders in these tests
@@ -166,7 +173,9 @@ def test_url_interrupted_download_resumes_with_range(tmp_path):
 def test_url_partial_survives_a_failed_run_and_the_next_run_resumes(tmp_path):
     with serve({"/ref.npz": GOOD}, drop_once={"/ref.npz"}) as (st, base):
         a = url_artifact(f"{base}/ref.npz")
-        with pytest.raises(requests.RequestException):
+        with pytest.raises(
+            FetchError, match=f"artifact 'ref': cannot download {base}/ref.npz: connection broken"
+        ):
             fetch(a, tmp_path, retries=1, **FAST)
         assert not (tmp_path / "eval/ref.npz").exists()
         assert (tmp_path / "eval/.ref.npz.part").stat().st_size == KEPT

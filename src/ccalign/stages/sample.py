@@ -11,6 +11,7 @@ shards. torch.distributed (gloo) is used only to wait for all ranks at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shutil
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from ccalign.config import ConfigError, entry
 from ccalign.device import resolve_device
 from ccalign.families import get_family
-from ccalign.io import atomic_write_json, sha256_file
+from ccalign.io import atomic_write_json, output_lock, sha256_file
 from ccalign.log import get_logger
 from ccalign.sample.generate import SampleSpec
 from ccalign.sample.run import fill_shards
@@ -96,6 +97,13 @@ def load(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
+    # one job per output: its rank 0 holds the lock (a second job stops, naming the holder); the other
+    # ranks write nothing before init_process_group, which waits for rank 0
+    with output_lock(args.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        _sample(cfg, args)
+
+
+def _sample(cfg: dict, args: argparse.Namespace) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device()
     family, model, tokenizer, spec = load(cfg, args, device)

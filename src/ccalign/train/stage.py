@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ import torch
 from ccalign.config import entry
 from ccalign.data.dataset import CodeDataset
 from ccalign.families import get_family
+from ccalign.io import output_lock
 from ccalign.log import get_logger
 from ccalign.tracking import flatten, stage_run
 from ccalign.train.loop import TrainResult, train
@@ -83,7 +86,9 @@ def run_stage(
     params = {f"{stage}.resolved.{k}": v for k, v in flatten(settings.to_dict()).items()}
     params.update({f"{stage}.resolved.model_args.{k}": v for k, v in model_args.items()})
     inputs = {"tokenizer": tokenizer_path, "cache": cache_dir} | ({"base": base} if base else {})
-    with stage_run(cfg, stage=stage, tags=tags, params=params, inputs=inputs) as run:
+    # one job per output: its rank 0 holds the lock (a second job stops, naming the holder)
+    lock = output_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock, stage_run(cfg, stage=stage, tags=tags, params=params, inputs=inputs) as run:
         return train(
             family,
             model,
