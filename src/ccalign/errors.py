@@ -23,7 +23,7 @@ class ReportedError(Exception):
 
 
 class DiskFullError(ReportedError):
-    """A write into ``directory`` failed for lack of space (or a size limit); its partial file is gone."""
+    """A write into ``directory`` failed for lack of space (or a file size limit)."""
 
     def __init__(
         self,
@@ -51,8 +51,8 @@ class DiskFullError(ReportedError):
             free = None if self.directory is None else free_bytes(self.directory)
             have = f", {human_bytes(free)} free" if free is not None else ""
             message = (
-                f"{NO_SPACE.get(reason, NO_SPACE[errno.ENOSPC])} {where}: {what}{have}; free some space "
-                f"(the partial file was removed), then {RESUME}"
+                f"{NO_SPACE.get(reason, NO_SPACE[errno.ENOSPC])} {where}: {what}{have}; free some space, "
+                f"then {RESUME}"
             )
         super().__init__(message)
 

@@ -42,14 +42,6 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def _disk_full(exc: BaseException, path: Path, needed: int | None, written: int) -> DiskFullError | None:
-    """The DiskFullError to raise for a failed write of ``path``, or None when space was not the cause."""
-    reason = space_errno(exc, path.parent)
-    if reason is None:
-        return None
-    return DiskFullError(path.parent, target=path.name, needed=needed, written=written, reason=reason)
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``.
@@ -69,11 +61,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = N
         _fsync_dir(path.parent)
     except BaseException as e:
         written = tmp.stat().st_size if tmp.exists() else 0
-        full = None if isinstance(e, DiskFullError) else _disk_full(e, path, size, written)
+        reason = None if isinstance(e, DiskFullError) else space_errno(e, path.parent)  # before the unlink
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if full is not None:
-            raise full from e
+        if reason is not None:
+            raise DiskFullError(
+                path.parent, target=path.name, needed=size, written=written, reason=reason
+            ) from e
         raise
 
 
@@ -114,7 +108,8 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` (if any) once the block succeeds.
 
-    The swap holds ``path``'s output lock, so two writers of one directory replace it one after the other.
+    The swap holds ``path``'s output lock (:func:`output_lock`, waiting for it), so two writers of one
+    directory replace it one after the other; a caller must not hold that lock itself.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,10 +129,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             _fsync_dir(path.parent)
     except BaseException as e:
         written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
-        full = None if isinstance(e, DiskFullError) else _disk_full(e, path, None, written)
+        reason = None if isinstance(e, DiskFullError) else space_errno(e, path.parent)  # before the rmtree
         shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from e
+        if reason is not None:
+            raise DiskFullError(path.parent, target=path.name, written=written, reason=reason) from e
         raise
 
 

@@ -32,7 +32,7 @@ import jsonschema
 import yaml
 
 from ccalign.config import REPO_ROOT
-from ccalign.errors import ReportedError, chain
+from ccalign.errors import DiskFullError, ReportedError, chain, space_errno
 from ccalign.io import atomic_write, atomic_write_json, output_lock, sha256_file
 from ccalign.log import get_logger, progress
 
@@ -486,6 +486,8 @@ def _fetch_locked(a, dest, lock_path, offline, cache_dir, endpoint, retries, bac
             import requests
             from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+            if (reason := space_errno(e, target.parent)) is not None:  # a partial download stays to resume
+                raise DiskFullError(target.parent, target=target.name, needed=size, reason=reason) from e
             if not isinstance(e, (requests.RequestException, HfHubHTTPError, LocalEntryNotFoundError)):
                 e.add_note(f"while fetching artifact '{a.key}' from {a.origin}")
                 raise
