@@ -211,7 +211,8 @@ class StageRun:
             try:
                 atomic_write_json(self.record, out)
             except Exception as e:  # noqa: BLE001 - tracking must never fail a stage
-                reason = os.strerror(space_errno(e)) if space_errno(e) else f"{type(e).__name__}: {e}"
+                code = space_errno(e)
+                reason = os.strerror(code) if code else f"{type(e).__name__}: {e}"
                 log.warning("MLflow run of this stage not recorded: cannot write %s (%s)", out, reason)
                 return
             if self.deferred:

@@ -444,6 +444,7 @@ def fetch(
 
 
 def _fetch_locked(a, dest, lock_path, offline, cache_dir, endpoint, retries, backoff, timeout) -> Fetched:
+    """:func:`fetch`, holding the output lock of the artifact's file."""
     from huggingface_hub.constants import is_offline_mode
 
     offline = offline or is_offline_mode()  # HF_HUB_OFFLINE=1 counts as --offline

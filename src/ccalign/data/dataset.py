@@ -1,12 +1,12 @@
 """Datasets the training loops read: cached codes (``CodeDataset``) or images tokenized on the fly.
 
 ``CodeDataset`` memory-maps the cache shards (opened lazily in each worker process, nothing is copied but
-the one view returned), checks its shards once per job (this process's share of them: sha256 against their
-records, shapes, codes inside the vocabulary; one streaming read each), and draws one cached view per image
-per epoch, uniformly, as LlamaGen's
+the one view returned) and draws one cached view per image per epoch, uniformly, as LlamaGen's
 ``CustomDataset`` does (it picks the crop range with probability 1/2, then one of its 10 ten-crop views:
-uniform over the 20 views). The draw is a function of (seed, epoch, index) only: ``set_epoch`` changes it,
-the DataLoader's worker count and the world size do not.
+uniform over the 20 views). On opening, each process of a job checks its share of the shards against their
+records (sha256, shape, codes inside the vocabulary, labels inside the classes; one streaming read each).
+The draw is a function of (seed, epoch, index) only: ``set_epoch`` changes it, the DataLoader's worker count
+and the world size do not.
 
 ``ImageViewDataset`` is the on-the-fly mode that skips the cache (VAR's official training): each item is one
 freshly drawn view of the image; the caller tokenizes the batch with ``Family.encode``.
