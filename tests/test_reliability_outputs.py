@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -18,6 +20,7 @@ import pytest
 import torch
 from testkit import BASE, ROOT, SAMPLES, SMOKE, SMOKE_CHAIN, TOKENIZER, error_lines, run_cli_jobs
 
+import ccalign.io as io_module
 from ccalign.errors import OutputBusyError
 from ccalign.io import atomic_dir, atomic_save_torch, atomic_write, atomic_write_json, output_lock
 
@@ -122,6 +125,19 @@ def test_output_lock_can_wait_for_the_holder(tmp_path):
         order.append("first released")
     waiter.join(timeout=10)
     assert order == ["first released", "second"]
+
+
+def test_output_lock_on_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    warnings = []
+    monkeypatch.setattr(io_module.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    with output_lock(tmp_path / "out.npz"):
+        ran = True
+    assert ran and len(warnings) == 1 and "nothing stops a second writer" in warnings[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 # A sampler whose shard writes wait for the file argv[1] to exist: it is at work until the test says go.

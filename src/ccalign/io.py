@@ -10,6 +10,7 @@ naming the directory and the bytes needed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -136,6 +137,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # flock unsupported here
+
+
 def _lock_holder(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
     host, _, pid = os.read(fd, 4096).decode(errors="replace").strip().partition(" ")
@@ -148,7 +152,8 @@ def output_lock(path: str | os.PathLike, *, wait: bool = False) -> Iterator[None
 
     When another process holds it: with ``wait`` block until it is released, else raise
     :class:`ccalign.errors.OutputBusyError` naming that process (host and pid). A kernel lock (``flock``;
-    on NFS, emulated with a byte-range lock) dies with its holder, so a killed writer never leaves it held.
+    on NFS, emulated with a byte-range lock) dies with its holder, so a killed writer never leaves it held. On
+    a file system without locks (Lustre mounted without ``flock``) a warning says the output is unprotected.
     """
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
@@ -164,6 +169,11 @@ def output_lock(path: str | os.PathLike, *, wait: bool = False) -> Iterator[None
                 raise OutputBusyError(path, holder) from None
             log.info("waiting for %s (%s) to finish writing %s", holder, lock, path)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise
+            log.warning("cannot lock %s (%s): nothing stops a second writer of %s", lock, e.strerror, path)
         try:  # the previous holder may have removed the file we locked: then lock the current one
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
