@@ -14,3 +14,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke config's LlamaGen chain run once through the CLI (umask 027): (working dir, results)."""
+    from testkit import SMOKE_CHAIN, run_cli_jobs
+
+    cwd = tmp_path_factory.mktemp("smoke_run")
+    results = run_cli_jobs(SMOKE_CHAIN, cwd, umask=0o027)
+    bad = {label: r for label, r in results.items() if r["rc"] != 0}
+    assert not bad, bad
+    return cwd, results

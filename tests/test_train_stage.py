@@ -6,6 +6,7 @@ URI nobody answers, so the run is recorded in the offline buffer (data_root/mlfl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from unittest import mock
@@ -53,7 +54,11 @@ def write_cache(cache: Path, n: int = 40, family: str = "llamagen", vocab_size: 
         files = shard_files(k)
         np.save(cache / files["codes"], g.integers(0, 16, (count, 2, 4)).astype(np.uint16))
         np.save(cache / files["labels"], g.integers(0, 3, count).astype(np.int16))
-        shards.append({"index": k, "count": count, "codes": files["codes"], "labels": files["labels"]})
+        entry = {"index": k, "count": count, "codes": files["codes"], "labels": files["labels"]}
+        for kind in ("codes", "labels"):  # the records training checks the shards against
+            data = (cache / files[kind]).read_bytes()
+            entry[f"{kind}_bytes"], entry[f"{kind}_sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        shards.append(entry)
     manifest = {
         "format": FORMAT,
         "family": family,

@@ -3,18 +3,30 @@
 
 import argparse
 import hashlib
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
+from testkit import ROOT, SMOKE
 
 import ccalign.tracking as tracking
 from ccalign.stages import fetch as fetch_stage
-from ccalign.weights import Artifact, ChecksumError, OfflineError, ResumableDownloader, fetch, read_lock
+from ccalign.weights import (
+    Artifact,
+    ChecksumError,
+    FetchError,
+    OfflineError,
+    ResumableDownloader,
+    fetch,
+    read_lock,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHUNK = 1 << 14  # write granularity of both downloaders in these tests
@@ -167,7 +179,9 @@ def test_url_interrupted_download_resumes_with_range(tmp_path):
 def test_url_partial_survives_a_failed_run_and_the_next_run_resumes(tmp_path):
     with serve({"/ref.npz": GOOD}, drop_once={"/ref.npz"}) as (st, base):
         a = url_artifact(f"{base}/ref.npz")
-        with pytest.raises(requests.RequestException):
+        with pytest.raises(
+            FetchError, match=f"artifact 'ref': cannot download {base}/ref.npz: connection broken"
+        ):
             fetch(a, tmp_path, retries=1, **FAST)
         assert not (tmp_path / "eval/ref.npz").exists()
         assert (tmp_path / "eval/.ref.npz.part").stat().st_size == KEPT
@@ -340,3 +354,71 @@ def test_stage_fetches_what_the_config_needs_one_run_each(tmp_path, monkeypatch)
     assert runs[0]["params"]["artifact.sha256"] == "null" and "artifact.revision" not in runs[0]["params"]
     with pytest.raises(ValueError, match=r"unknown artifact\(s\) \['nope'\]"):
         fetch_stage.main({}, argparse.Namespace(**{**vars(args), "only": ["nope"]}))
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_a_changed_pin_keeps_the_verified_file_until_its_replacement_verifies(tmp_path):
+    new = GOOD + b"v2"
+    with serve({"/ref.npz": GOOD}) as (st, base):
+        fetch(url_artifact(f"{base}/ref.npz"), tmp_path, **FAST)
+        typo = url_artifact(
+            f"{base}/ref.npz", sha256=sha(new), size=None
+        )  # the server still has the old file
+        with pytest.raises(ChecksumError, match="download discarded"):
+            fetch(typo, tmp_path, **FAST)
+        assert (tmp_path / "eval/ref.npz").read_bytes() == GOOD  # the verified file is still there
+        assert files_under(tmp_path) == [".weights.lock.json.flock", "eval/ref.npz", "weights.lock.json"]
+        st.files["/ref.npz"] = new  # now the replacement exists and verifies: it takes the place
+        assert fetch(typo, tmp_path, **FAST).path.read_bytes() == new
+
+
+def test_http_404_is_one_error_naming_artifact_and_url_without_retry_or_leftovers(tmp_path):
+    with serve({}) as (st, base), pytest.raises(FetchError) as e:
+        fetch(url_artifact(f"{base}/ref.npz"), tmp_path, retries=3, **FAST)
+    assert str(e.value) == f"artifact 'ref': cannot download {base}/ref.npz: HTTP 404 Not Found"
+    assert [s for s in st.seen if s[0] == "GET"] == [("GET", "/ref.npz", None)]  # a 404 is not retried
+    assert files_under(tmp_path) == []  # no 0-byte .part
+
+
+def test_connection_refused_is_named_and_a_present_file_is_kept(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/ref.npz"  # closed once the block ends
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval/ref.npz").write_bytes(BAD)  # a damaged copy, to be replaced
+    with pytest.raises(FetchError) as e:
+        fetch(url_artifact(url), tmp_path, retries=2, **FAST)
+    kept = f"{tmp_path}/eval/ref.npz is left as it was"
+    assert str(e.value) == f"artifact 'ref': cannot download {url}: connection refused; {kept}"
+    assert files_under(tmp_path) == ["eval/ref.npz"]
+
+
+def test_hub_404_names_the_artifact_and_the_resolve_url(tmp_path):
+    with serve({}) as (_, base), pytest.raises(FetchError) as e:
+        fetch(hf_artifact(), tmp_path / "w", cache_dir=str(tmp_path / "hf"), endpoint=base)
+    url = f"{base}/org/repo/resolve/{COMMIT}/sub/ckpt.pt"
+    assert str(e.value) == f"artifact 'ckpt': cannot download {url}: HTTP 404 Not Found"
+    assert not (tmp_path / "w/llamagen/ckpt.pt").exists()
+
+
+def test_fetch_stage_404_is_one_line_on_stderr(tmp_path):
+    manifest = tmp_path / "weights.yaml"
+    with serve({}) as (_, base):
+        entry = f"{{file: eval/ref.npz, source: {{url: '{base}/ref.npz'}}, size: null, sha256: null}}"
+        manifest.write_text(f"artifacts:\n  ref: {entry}\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "ccalign", "fetch", "--config", str(SMOKE), "--set", "tracking.defer=true"]
+            + ["--set", f"data_root={tmp_path}", "--manifest", str(manifest), "--only", "ref"]
+            + ["--dest", str(tmp_path / "w")],
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"artifact 'ref': cannot download {base}/ref.npz: HTTP 404 Not Found"
+    )

@@ -15,6 +15,7 @@ import os
 import sys
 
 from ccalign.config import ConfigError, load_config
+from ccalign.errors import describe
 from ccalign.log import get_logger
 from ccalign.pipeline import Stage, stages
 
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
+    except Exception as e:  # a full disk, a busy output, a failed download: one line, no traceback
+        if (message := describe(e)) is None:
+            raise
+        log.error("%s", message)
+        return 1
     return 0
 
 

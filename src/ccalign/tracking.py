@@ -8,7 +8,10 @@ experiment: ``sample · llamagen_tiny · cca λ=3 · g=1 · seed 0``. Only rank 
 
 If the tracking server cannot be reached, or stops answering mid-run, the stage still completes: the whole
 run is kept in memory and written to ``<data_root>/mlflow/pending/*.json``; the next stage that reaches the
-server replays those records (a warning says so both times).
+server replays those records (a warning says so both times). A record being replayed is claimed by renaming
+it to ``*.sending-<pid>@<host>``; a claim whose process died (killed mid-replay) is taken back by the next
+replay, which also closes the runs that earlier, interrupted attempts opened on the server. When even the
+local record cannot be written (a full disk), a warning says so and the stage still succeeds.
 
 With ``tracking.defer: true`` every stage writes its run that way on purpose, without starting MLflow at all
 (several seconds per process, which dominates many short CPU jobs), and the ``report`` stage, the DAG's last
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ccalign.device import world
+from ccalign.errors import space_errno
 from ccalign.io import atomic_write_json, sha256_file
 from ccalign.log import get_logger
 
@@ -40,6 +45,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 _MAX_PARAM_LEN = 6000
+_FOREIGN_CLAIM_S = 3600  # a replay claim made on another host (pid not checkable here) is stale after this
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -217,7 +223,13 @@ class StageRun:
         self._send(lambda: self.client.set_terminated(self.run_id, status, self.record["end_ms"]))
         if self.offline:
             out = _pending_dir(self.cfg) / f"{uuid.uuid4().hex}.json"
-            atomic_write_json(self.record, out)
+            try:
+                atomic_write_json(self.record, out)
+            except Exception as e:  # noqa: BLE001 - tracking must never fail a stage
+                code = space_errno(e)
+                reason = os.strerror(code) if code else f"{type(e).__name__}: {e}"
+                log.warning("MLflow run of this stage not recorded: cannot write %s (%s)", out, reason)
+                return
             if self.deferred:
                 log.info("MLflow run buffered at %s (tracking.defer); the report stage sends it", out)
             else:
@@ -254,14 +266,46 @@ def _log_metrics(client, run_id: str, rows: list) -> None:
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def _claim_is_stale(path: Path) -> bool:
+    """Whether the process that claimed ``<id>.sending-<pid>@<host>`` is gone: on this host, its pid no
+    longer runs; on another host, the claim is older than ``_FOREIGN_CLAIM_S``."""
+    pid, _, host = path.name.partition(".sending-")[2].partition("@")
+    if not pid.isdigit():
+        return False
+    if host and host != socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            return time.time() - path.stat().st_ctime > _FOREIGN_CLAIM_S  # ctime: set by the claim's rename
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _reclaim_stale(pending: Path) -> None:
+    """Put records whose replaying process died back in the queue."""
+    for claimed in pending.glob("*.sending-*"):
+        if _claim_is_stale(claimed):
+            with contextlib.suppress(FileNotFoundError):  # another replay reclaimed it first
+                claimed.rename(claimed.with_name(claimed.name.partition(".sending-")[0] + ".json"))
+                log.warning("reclaimed %s: the process replaying it died", claimed)
+
+
 def replay_pending(cfg: dict) -> int:
     """Send runs buffered while the server was unreachable (or deferred); returns how many were sent.
 
-    Each record is claimed by renaming it first, so two stages replaying at once never send one twice.
+    Each record is claimed by renaming it first, so two stages replaying at once never send one twice. The
+    id of the run an attempt opens is saved in the claimed record before anything is sent, so a later
+    attempt closes it (KILLED, tagged with the run that replaced it) if this one dies half-way.
     """
+    pending = _pending_dir(cfg)
+    _reclaim_stale(pending)
     done = 0
-    for path in sorted(_pending_dir(cfg).glob("*.json")):
-        claimed = path.with_suffix(f".sending-{os.getpid()}")
+    for path in sorted(pending.glob("*.json")):
+        claimed = path.with_name(f"{path.stem}.sending-{os.getpid()}@{socket.gethostname()}")
         try:
             path.rename(claimed)
         except FileNotFoundError:  # another process took it
@@ -271,18 +315,24 @@ def replay_pending(cfg: dict) -> int:
         run.record.update(experiment=rec["experiment"])
         run.record["start_ms"] = rec.get("start_ms", run.record["start_ms"])
         run.record["tags"]["ccalign.replayed"] = "true"
+        earlier = rec.get("replay_run_ids", [])  # runs opened by interrupted replays of this record
         try:
             run._connect()
-            if rec.get("run_id"):  # the run that was live when the server went away: close it, point here
+            atomic_write_json({**rec, "replay_run_ids": [*earlier, run.run_id]}, claimed)
+            # the run that was live when the server went away, and earlier replays: close them, point here
+            for old in filter(None, [rec.get("run_id"), *earlier]):
                 with contextlib.suppress(Exception):
-                    run.client.set_terminated(rec["run_id"], "KILLED")
-                    run.client.set_tag(rec["run_id"], "ccalign.replayed_as", run.run_id)
+                    run.client.set_terminated(old, "KILLED")
+                    run.client.set_tag(old, "ccalign.replayed_as", run.run_id)
             _log_metrics(run.client, run.run_id, rec["metrics"])
             for p, ap in rec["artifacts"]:
                 if Path(p).exists():
                     run.client.log_artifact(run.run_id, p, ap)
             run.client.set_terminated(run.run_id, rec["status"], rec.get("end_ms"))
         except Exception as e:  # noqa: BLE001 - stays pending for the next try
+            if run.run_id is not None:  # never leave the run this attempt opened RUNNING
+                with contextlib.suppress(Exception):
+                    run.client.set_terminated(run.run_id, "FAILED")
             claimed.rename(path)
             log.warning("replay of %s failed (%s); kept for later", path, type(e).__name__)
             break

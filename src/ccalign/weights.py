@@ -3,7 +3,9 @@
 Hugging Face files go through ``huggingface_hub.hf_hub_download`` (pinned revision, the HF cache, resumed
 ``.incomplete`` blobs, ``local_files_only`` when offline); plain URLs go through ``pooch.retrieve`` with
 ``known_hash`` and a downloader that keeps a partial file between attempts and resumes it with an HTTP Range
-request. A file reaches its final name under the weights folder only after its size and hash check out.
+request. A file reaches its final name under the weights folder only after its size and hash check out, and a
+file already there stays until its replacement has been verified. A failed download is one ``FetchError``
+naming the artifact and the URL. Concurrent fetches of one artifact wait for each other (``output_lock``).
 
 Values the manifest leaves null (size, sha256, HF revision) are recorded in a lock file at first download and
 enforced on every later fetch (trust on first use); ``Fetched.unpinned`` names them so the caller can report
@@ -17,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,7 +32,8 @@ import jsonschema
 import yaml
 
 from ccalign.config import REPO_ROOT
-from ccalign.io import atomic_write, atomic_write_json, sha256_file
+from ccalign.errors import DiskFullError, ReportedError, chain, space_errno
+from ccalign.io import atomic_write, atomic_write_json, output_lock, sha256_file
 from ccalign.log import get_logger, progress
 
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "weights.schema.yaml"
@@ -48,6 +52,10 @@ class ChecksumError(RuntimeError):
         super().__init__(
             msg + (" (download discarded; nothing written under the final name)" if discarded else "")
         )
+
+
+class FetchError(ReportedError):
+    """A download failed (HTTP error, no connection, unknown Hub file); names the artifact and the URL."""
 
 
 class OfflineError(FileNotFoundError):
@@ -264,7 +272,8 @@ class ResumableDownloader:
     """A pooch downloader that keeps ``part`` between attempts and resumes it with ``Range: bytes=N-``.
 
     The complete, size-checked file is moved to pooch's temporary output, which pooch hash-checks against
-    ``known_hash`` before renaming it to the final name. ``sha256`` is the hash of the last complete download.
+    ``known_hash`` before renaming it to its name. ``sha256`` is the hash of the last complete download. A
+    failed attempt that got no byte leaves no ``part`` behind.
     """
 
     chunk_size = 1 << 20  # bytes per write; a cut loses at most one chunk
@@ -274,48 +283,68 @@ class ResumableDownloader:
         self.sha256: str | None = None
 
     def __call__(self, url: str, output_file: str, pooch_instance: Any) -> None:
-        import pooch
-        import requests
-
         offset = self.part.stat().st_size if self.part.exists() else 0
         if self.size is not None and offset > self.size:
             self.part.unlink()
             offset = 0
         if self.size is None or offset < self.size:
-            with open(self.part, "ab") as f:
-
-                def on_response(response: Any, *args: Any, **kwargs: Any) -> None:
-                    if offset and response.status_code == 200:  # the server ignored Range: start over
-                        f.seek(0)
-                        f.truncate()
-                    elif offset and response.status_code == 206:
-                        got = response.headers.get("Content-Range", "")
-                        if not got.startswith(f"bytes {offset}-"):
-                            raise requests.HTTPError(f"asked for bytes {offset}- of {url}, got '{got}'")
-
-                headers = {"Range": f"bytes={offset}-"} if offset else {}
-                desc = f"{self.key} (resuming at {offset} B)" if offset else self.key
-                bar = progress(total=1, desc=desc, unit="B")
-                try:
-                    pooch.HTTPDownloader(
-                        progressbar=False if bar.disable else bar,
-                        chunk_size=self.chunk_size,
-                        timeout=self.timeout,
-                        headers=headers,
-                        hooks={"response": on_response},
-                    )(url, f, pooch_instance)
-                except requests.HTTPError as e:
-                    if e.response is not None and e.response.status_code == 416:
-                        self.part.unlink()  # the partial file does not fit the remote one: restart from zero
-                    raise
-                finally:
-                    bar.close()
+            try:
+                self._append(url, offset, pooch_instance)
+            except BaseException:
+                if self.part.exists() and self.part.stat().st_size == 0:  # nothing worth resuming
+                    self.part.unlink()
+                raise
         got_size = self.part.stat().st_size
         if self.size is not None and got_size != self.size:
             self.part.unlink()
             raise ChecksumError(self.key, "size", self.size, got_size, url)
         self.sha256 = sha256_file(self.part)
         os.replace(self.part, output_file)
+
+    def _append(self, url: str, offset: int, pooch_instance: Any) -> None:
+        """Append ``url``'s bytes from ``offset`` on to ``part`` (from zero when the server ignores Range)."""
+        import pooch
+        import requests
+
+        with open(self.part, "ab") as f:
+
+            def on_response(response: Any, *args: Any, **kwargs: Any) -> None:
+                if offset and response.status_code == 200:  # the server ignored Range: start over
+                    f.seek(0)
+                    f.truncate()
+                elif offset and response.status_code == 206:
+                    got = response.headers.get("Content-Range", "")
+                    if not got.startswith(f"bytes {offset}-"):
+                        raise requests.HTTPError(f"asked for bytes {offset}- of {url}, got '{got}'")
+
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            desc = f"{self.key} (resuming at {offset} B)" if offset else self.key
+            bar = progress(total=1, desc=desc, unit="B")
+            try:
+                pooch.HTTPDownloader(
+                    progressbar=False if bar.disable else bar,
+                    chunk_size=self.chunk_size,
+                    timeout=self.timeout,
+                    headers=headers,
+                    hooks={"response": on_response},
+                )(url, f, pooch_instance)
+            except requests.HTTPError as e:
+                if e.response is not None and e.response.status_code == 416:
+                    self.part.unlink()  # the partial file does not fit the remote one: restart from zero
+                raise
+            finally:
+                bar.close()
+
+
+def _retryable(e: Exception) -> bool:
+    """A failure worth another attempt: no connection, a timeout, a server error; not a 4xx answer except
+    408 (request timeout), 416 (range not satisfiable: the download restarts) and 429 (too many requests)."""
+    import requests
+
+    response = getattr(e, "response", None)
+    if isinstance(e, requests.HTTPError) and response is not None:
+        return response.status_code >= 500 or response.status_code in (408, 416, 429)
+    return isinstance(e, requests.RequestException)
 
 
 def _fetch_url(
@@ -328,10 +357,13 @@ def _fetch_url(
     backoff: float,
     timeout: float,
 ) -> str:
-    """Download to ``target`` through pooch (resuming across attempts); return its SHA-256."""
+    """Download through pooch (resuming across attempts) to a staging name, then replace ``target`` with the
+    verified file; return its SHA-256. A failed download leaves ``target`` as it was."""
     import pooch
     import requests
 
+    staging = target.with_name(f".{target.name}.download")
+    staging.unlink(missing_ok=True)  # pooch would keep one without checking it when no hash is known
     dl = ResumableDownloader(a.key, target.with_name(f".{target.name}.part"), size, timeout)
     pooch.get_logger().setLevel(logging.WARNING)  # its "use this as known_hash" hint names pooch's API
     attempt = 1
@@ -341,19 +373,51 @@ def _fetch_url(
             pooch.retrieve(
                 a.url,
                 known_hash=f"sha256:{sha256}" if sha256 else None,
-                fname=target.name,
-                path=target.parent,
+                fname=staging.name,
+                path=staging.parent,
                 downloader=dl,
             )
-            return dl.sha256 or sha256_file(target)
+            digest = dl.sha256 or sha256_file(staging)
+            os.replace(staging, target)
+            return digest
         except requests.RequestException as e:
-            if attempt >= retries:
+            if attempt >= retries or not _retryable(e):
                 raise
-            log.warning("%s: attempt %d/%d failed (%s); retrying", a.key, attempt, retries, e)
+            log.warning("%s: attempt %d/%d failed (%s); retrying", a.key, attempt, retries, _reason(e))
             time.sleep(backoff * 2 ** (attempt - 1))
             attempt += 1
         except ValueError as e:  # pooch: hash of the complete download does not match known_hash
             raise ChecksumError(a.key, "sha256", sha256, dl.sha256, a.url) from e
+
+
+def _reason(e: BaseException) -> str:
+    """A download failure in a few words: ``HTTP 404 Not Found``, ``connection refused``, ``timed out``
+    (from the first exception in ``e``'s chain that says it: Hugging Face wraps the HTTP error)."""
+    for x in chain(e):
+        response = getattr(x, "response", None)
+        if response is not None and getattr(response, "status_code", None):
+            phrase = getattr(response, "reason", None) or getattr(response, "reason_phrase", "")
+            return f"HTTP {response.status_code} {phrase}".strip()
+    for x in chain(e):
+        text = str(x)
+        if "Connection broken" in text:
+            return "connection broken mid-download (the partial download is kept: fetching again resumes it)"
+        socket_error = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)  # inside urllib3's / httpx's message
+        if socket_error:
+            return socket_error.group(1).strip().lower()
+        if isinstance(x, TimeoutError) or "timed out" in text.lower():
+            return "timed out"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _url(a: Artifact, revision: str | None, endpoint: str | None) -> str:
+    """The URL the artifact is downloaded from."""
+    if a.url:
+        return a.url
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(a.hf_repo, a.path, repo_type=a.repo_type, revision=revision, endpoint=endpoint)
 
 
 def fetch(
@@ -371,12 +435,19 @@ def fetch(
     """Make ``dest/<a.file>`` hold the verified artifact; record what was fetched in the lock file.
 
     ``cache_dir``/``endpoint``: Hugging Face cache and Hub URL (defaults: ``HF_HUB_CACHE``/``HF_ENDPOINT``).
-    Raises ``ChecksumError`` (nothing left under the final name) or ``OfflineError``.
+    A file already at ``dest/<a.file>`` is replaced only by a verified download. Raises ``ChecksumError``,
+    ``OfflineError`` or ``FetchError``; then nothing new is under the final name.
     """
+    dest = Path(dest)
+    with output_lock(dest / a.file, wait=True):  # a concurrent fetch of the same file finishes first
+        return _fetch_locked(a, dest, lock_path, offline, cache_dir, endpoint, retries, backoff, timeout)
+
+
+def _fetch_locked(a, dest, lock_path, offline, cache_dir, endpoint, retries, backoff, timeout) -> Fetched:
+    """:func:`fetch`, holding the output lock of the artifact's file."""
     from huggingface_hub.constants import is_offline_mode
 
     offline = offline or is_offline_mode()  # HF_HUB_OFFLINE=1 counts as --offline
-    dest = Path(dest)
     target = dest / a.file
     lock_path = Path(lock_path) if lock_path is not None else dest / LOCK_NAME
     size, sha256, revision = _expected(a, read_lock(lock_path).get(a.key))
@@ -392,7 +463,7 @@ def fetch(
         except ChecksumError as e:
             if offline and not a.hf_repo:  # nothing to replace it with
                 raise
-            log.warning("%s; fetching it again", e)
+            log.warning("%s; fetching it again (the present file stays until the new one verifies)", e)
     if digest is None:
         action = "fetched"
         try:
@@ -407,15 +478,24 @@ def fetch(
                     f"fetch it once online (or copy the file there)"
                 )
             else:
-                target.unlink(missing_ok=True)  # a bad copy, else pooch would keep it when no hash is known
                 digest = _fetch_url(
                     a, target, size, sha256, retries=retries, backoff=backoff, timeout=timeout
                 )
         except (ChecksumError, OfflineError):
             raise
         except Exception as e:
-            e.add_note(f"while fetching artifact '{a.key}' from {a.origin}")
-            raise
+            import requests
+            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+            if (reason := space_errno(e, target.parent)) is not None:  # a partial download stays to resume
+                raise DiskFullError(target.parent, target=target.name, needed=size, reason=reason) from e
+            if not isinstance(e, (requests.RequestException, HfHubHTTPError, LocalEntryNotFoundError)):
+                e.add_note(f"while fetching artifact '{a.key}' from {a.origin}")
+                raise
+            kept = f"; {target} is left as it was" if target.is_file() else ""
+            raise FetchError(
+                f"artifact '{a.key}': cannot download {_url(a, revision, endpoint)}: {_reason(e)}{kept}"
+            ) from e
     got = Fetched(a.key, target, a.origin, commit, target.stat().st_size, digest, action, unpinned)
     _record(lock_path, got, a.file)
     return got

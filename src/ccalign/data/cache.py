@@ -129,21 +129,30 @@ def _read_record(cache_dir: Path, k: int) -> dict | None:
         return None
 
 
+def _file_problem(cache_dir: Path, entry: dict, kind: str) -> str | None:
+    """What is wrong with the ``kind`` ("codes"/"labels") file of a shard short of reading it, or None."""
+    name = entry[kind]
+    path = cache_dir / name
+    want = entry.get(f"{kind}_bytes")
+    if want is None or entry.get(f"{kind}_sha256") is None:
+        return f"{name}: no size/sha256 record"
+    if not path.is_file():
+        return f"{name}: missing"
+    size = path.stat().st_size
+    if size != want:
+        return f"{name}: {'truncated' if size < want else 'wrong size'} ({size} bytes, expected {want})"
+    return None
+
+
 def check_shard(cache_dir: Path, entry: dict, full: bool = True) -> list[str]:
     """Problems of one shard given its record: missing, truncated/oversized, (with ``full``) corrupt files."""
     problems = []
     for kind in ("codes", "labels"):
-        name = entry[kind]
-        path = cache_dir / name
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        size, want = path.stat().st_size, entry[f"{kind}_bytes"]
-        if size != want:
-            what = "truncated" if size < want else "wrong size"
-            problems.append(f"{name}: {what} ({size} bytes, expected {want})")
-        elif full and sha256_file(path) != entry[f"{kind}_sha256"]:
-            problems.append(f"{name}: corrupt (sha256 differs from the recorded one)")
+        problem = _file_problem(cache_dir, entry, kind)
+        if problem is None and full and sha256_file(cache_dir / entry[kind]) != entry[f"{kind}_sha256"]:
+            problem = f"{entry[kind]}: corrupt (sha256 differs from the recorded one)"
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
@@ -216,7 +225,7 @@ def write_shard(cache_dir: Path, plan: CachePlan, k: int, codes: np.ndarray, lab
     }
     for kind, array in (("codes", codes), ("labels", labels)):
         data = _npy_bytes(array)
-        with atomic_write(cache_dir / files[kind]) as f:
+        with atomic_write(cache_dir / files[kind], size=len(data)) as f:
             f.write(data)
         rec[f"{kind}_bytes"], rec[f"{kind}_sha256"] = len(data), sha256_bytes(data)
     atomic_write_json(rec, cache_dir / files["record"])
@@ -306,30 +315,83 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def _scan_npy(path: Path, chunk: int = 1 << 20) -> tuple[str, tuple, np.dtype, int | None, int | None]:
+    """One streaming pass over an .npy file: (sha256 of the file, shape, dtype, min and max of the values)."""
+    h, lo, hi = hashlib.sha256(), None, None
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        header = f.tell()  # a multiple of 64, as is the chunk: no value is cut in two
+        f.seek(0)
+        h.update(f.read(header))
+        while block := f.read(chunk):
+            h.update(block)
+            values = np.frombuffer(block, dtype)
+            if values.size:
+                lo = int(values.min()) if lo is None else min(lo, int(values.min()))
+                hi = int(values.max()) if hi is None else max(hi, int(values.max()))
+    return h.hexdigest(), shape, dtype, lo, hi
+
+
+def _content_problem(
+    path: Path, sha256: str, shape: tuple, dtype: type, values: str, bound: int
+) -> str | None:
+    """What is wrong with an .npy file of the right size: checksum, shape/dtype, ``values`` outside
+    [0, bound); None if nothing."""
+    try:
+        digest, got_shape, got_dtype, lo, hi = _scan_npy(path)
+    except ValueError as e:  # not an .npy header
+        return f"not a valid .npy file ({e})"
+    if digest != sha256:
+        return "corrupt (sha256 differs from the recorded one)"
+    if got_shape != shape or got_dtype != dtype:
+        return f"shape {got_shape} {got_dtype}, expected {shape} {np.dtype(dtype)}"
+    if lo is not None and (lo < 0 or hi >= bound):
+        return f"{values} span [{lo}, {hi}], outside [0, {bound})"
+    return None
+
+
+def scan_shard(cache_dir: Path, entry: dict, manifest: dict) -> list[str]:
+    """Every problem of one shard, each ``"<file>: <what>"``: missing, truncated, corrupt (sha256), wrong
+    shape or dtype, codes outside the vocabulary, labels outside the classes. Reads each file once."""
+    n = entry["count"]
+    expected = {  # kind: shape, dtype, what its values are, exclusive upper bound
+        "codes": (
+            (n, manifest["num_views"], manifest["seq_len"]),
+            CODES_DTYPE,
+            "codes",
+            manifest["vocab_size"],
+        ),
+        "labels": ((n,), LABELS_DTYPE, "labels", manifest["num_classes"]),
+    }
+    problems = []
+    for kind, (shape, dtype, values, bound) in expected.items():
+        problem = _file_problem(cache_dir, entry, kind)
+        if problem is None:
+            what = _content_problem(
+                cache_dir / entry[kind], entry[f"{kind}_sha256"], shape, dtype, values, bound
+            )
+            problem = what and f"{entry[kind]}: {what}"
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
 def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
-    """Every problem of the cache: missing manifest, missing/truncated/corrupt shard files, wrong shapes."""
+    """Every problem of the cache: missing manifest, missing/truncated/corrupt shard files, wrong shapes,
+    values out of range."""
     cache_dir = Path(cache_dir)
     try:
         manifest = load_manifest(cache_dir)
     except (OSError, ValueError) as e:
         return [str(e)]
     problems = []
-    total = 0
     for entry in manifest["shards"]:
-        found = check_shard(cache_dir, entry)
-        problems += found
-        total += entry["count"]
-        if found:
-            continue
-        codes = np.load(cache_dir / entry["codes"], mmap_mode="r")
-        labels = np.load(cache_dir / entry["labels"], mmap_mode="r")
-        want = (entry["count"], manifest["num_views"], manifest["seq_len"])
-        if codes.shape != want or codes.dtype != CODES_DTYPE:
-            problems.append(f"{entry['codes']}: shape {codes.shape} {codes.dtype}, expected {want} uint16")
-        if labels.shape != (entry["count"],) or labels.dtype != LABELS_DTYPE:
-            problems.append(
-                f"{entry['labels']}: shape {labels.shape} {labels.dtype}, expected ({entry['count']},) int16"
-            )
+        problems += scan_shard(cache_dir, entry, manifest)
+    total = sum(entry["count"] for entry in manifest["shards"])
     if total != manifest["num_images"]:
         problems.append(f"{MANIFEST}: shards hold {total} images, manifest says {manifest['num_images']}")
     return problems

@@ -3,8 +3,10 @@
 ``CodeDataset`` memory-maps the cache shards (opened lazily in each worker process, nothing is copied but
 the one view returned) and draws one cached view per image per epoch, uniformly, as LlamaGen's
 ``CustomDataset`` does (it picks the crop range with probability 1/2, then one of its 10 ten-crop views:
-uniform over the 20 views). The draw is a function of (seed, epoch, index) only: ``set_epoch`` changes it,
-the DataLoader's worker count and the world size do not.
+uniform over the 20 views). On opening, each process of a job checks its share of the shards against their
+records (sha256, shape, codes inside the vocabulary, labels inside the classes; one streaming read each).
+The draw is a function of (seed, epoch, index) only: ``set_epoch`` changes it, the DataLoader's worker count
+and the world size do not.
 
 ``ImageViewDataset`` is the on-the-fly mode that skips the cache (VAR's official training): each item is one
 freshly drawn view of the image; the caller tokenizes the batch with ``Family.encode``.
@@ -19,17 +21,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ccalign.data.cache import load_manifest
+from ccalign.data.cache import load_manifest, scan_shard, shard_files
 from ccalign.data.folder import list_image_folder
 from ccalign.data.views import ViewSpec, random_view, to_model_input
 
 
 class CodeDataset(Dataset):
-    """Items ``(codes (T,) int64, label int64)`` from a verified-format code cache."""
+    """Items ``(codes (T,) int64, label int64)`` from a code cache, checked with :meth:`verify` unless
+    ``verify`` is False."""
 
-    def __init__(self, cache_dir: str | os.PathLike, seed: int = 0, epoch: int = 0) -> None:
+    def __init__(
+        self, cache_dir: str | os.PathLike, seed: int = 0, epoch: int = 0, verify: bool = True
+    ) -> None:
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
+        if verify:
+            self.verify(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
         counts = [s["count"] for s in self.manifest["shards"]]
         self._starts = np.cumsum([0] + counts)  # image index where each shard starts
         self._codes: list[np.ndarray] | None = None
@@ -57,6 +64,21 @@ class CodeDataset(Dataset):
     @property
     def num_views(self) -> int:
         return self.manifest["num_views"]
+
+    def verify(self, rank: int = 0, world_size: int = 1) -> None:
+        """Check shards ``rank``, ``rank + world_size``, ... (the processes of a job share the work); raise a
+        ValueError naming the first bad shard file and how to repair it."""
+        for k, entry in enumerate(self.manifest["shards"]):
+            if k % world_size != rank:
+                continue
+            problems = scan_shard(self.cache_dir, entry, self.manifest)
+            if problems:
+                record = self.cache_dir / shard_files(entry.get("index", k))["record"]
+                raise ValueError(
+                    f"code cache shard {self.cache_dir / problems[0]}; delete {record} and run "
+                    "`ccalign tokenize` again with the same arguments to re-extract that shard "
+                    f"(`ccalign cache-verify --cache {self.cache_dir}` lists every bad shard)"
+                )
 
     def set_epoch(self, epoch: int) -> None:
         """Choose this epoch's view of every image (uniform, from (seed, epoch))."""

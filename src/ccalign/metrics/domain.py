@@ -20,6 +20,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ccalign.io import atomic_save_torch, load_torch
 from ccalign.log import get_logger
+from ccalign.models.checkpoint import load_state_dict_strict
 
 EXTRACTOR = "ccalign-domain"
 log = get_logger(__name__)
@@ -139,10 +140,7 @@ def load(path: str | Path) -> tuple[DomainClassifier, dict]:
         raise ValueError(f"{path}: not a ccalign domain classifier (needs 'state_dict' and 'config')")
     cfg = ckpt["config"]
     model = DomainClassifier(cfg["num_classes"], cfg["channels"], cfg["hidden"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: state dict does not match its config: {e}") from e
+    load_state_dict_strict(model, ckpt["state_dict"], path)
     return model.eval(), cfg
 
 

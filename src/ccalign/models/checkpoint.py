@@ -3,7 +3,8 @@
 Layouts: a raw (or FSDP full) state dict; {"model"} / {"ema"} / {"module"} / {"state_dict"} as the official
 samplers read them; {"trainer": state dict} (CCA's VAR fine-tuning) or {"trainer": {inner: ...}} (VAR's
 trainer, ``inner`` = "var_wo_ddp" or "vae_local"). A uniform "module." or "_orig_mod." prefix (DDP,
-torch.compile) is removed.
+torch.compile) is removed. Every load is strict and checked finite: a missing, unexpected or misshapen key, or
+a NaN/Inf weight, is one error naming the file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -51,7 +53,8 @@ def load_state_dict_strict(
     module: nn.Module, state_dict: dict[str, Tensor], source: str | os.PathLike, ignore: tuple[str, ...] = ()
 ) -> None:
     """``load_state_dict(strict=True)``, failing with the file and every missing / unexpected / misshapen
-    key. Entries whose name ends with one of ``ignore`` (caches a checkpoint may carry) are dropped first."""
+    key, or the first non-finite tensor (:func:`check_finite`). Entries whose name ends with one of ``ignore``
+    (caches a checkpoint may carry) are dropped first."""
     sd = {k: v for k, v in state_dict.items() if not (ignore and k.endswith(ignore))}
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
@@ -66,7 +69,28 @@ def load_state_dict_strict(
             f"{source}: checkpoint does not match {type(module).__name__}: missing keys {missing}, "
             f"unexpected keys {unexpected}, shape mismatches {shapes}"
         )
+    check_finite(sd, source, parameters={name for name, _ in module.named_parameters()})
     module.load_state_dict(sd, strict=True)
+
+
+def check_finite(
+    state_dict: dict[str, Tensor], source: str | os.PathLike, parameters: set[str] | None = None
+) -> None:
+    """Raise CheckpointError naming ``source`` and the first key holding NaN, or ±Inf in a parameter.
+
+    ``parameters``: the keys that are parameters (default: all). Buffers may hold ±Inf on purpose (VAR's
+    block-causal attention bias), never NaN.
+    """
+    for key, t in state_dict.items():
+        if not torch.is_floating_point(t):
+            continue
+        bad = ~torch.isfinite(t) if parameters is None or key in parameters else torch.isnan(t)
+        if bad.any():
+            n = int(bad.sum())
+            raise CheckpointError(
+                f"{source}: tensor {key!r} holds {n} non-finite value{'s' * (n > 1)} (NaN/Inf) of "
+                f"{t.numel()}; the checkpoint is damaged or comes from a diverged run"
+            )
 
 
 def args_path(path: str | os.PathLike) -> Path:

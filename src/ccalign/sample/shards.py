@@ -55,7 +55,7 @@ def write_shard(
     npz, record = shard_paths(shard_dir, shard)
     remove_stale_temps(shard_dir, shard.name)  # other ranks' temps are kept
     assert pixels.shape[0] == labels.shape[0] == shard.stop - shard.start
-    with atomic_write(npz) as f:
+    with atomic_write(npz, size=pixels.nbytes + labels.nbytes) as f:
         np.savez(f, arr_0=pixels, labels=labels)
     atomic_write_json(
         {
@@ -117,7 +117,7 @@ def merge_shards(
     wanted = set() if keep is None else {int(i) for i in keep}
     kept = {}
     with (
-        atomic_write(out) as f,
+        atomic_write(out, size=len(labels) * (height * width * 3 + 8)) as f,
         zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
     ):
         with zf.open("arr_0.npy", "w", force_zip64=True) as member:

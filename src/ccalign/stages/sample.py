@@ -103,6 +103,18 @@ def load(cfg: dict, args: argparse.Namespace, device) -> tuple:
 
 
 def main(cfg: dict, args: argparse.Namespace) -> None:
+    import contextlib
+
+    from ccalign.device import world
+    from ccalign.io import output_lock
+
+    # one job per output: its rank 0 holds the lock (a second job stops, naming the holder); the other
+    # ranks write nothing before init_process_group, which waits for rank 0
+    with output_lock(args.out) if world()[0] == 0 else contextlib.nullcontext():
+        _sample(cfg, args)
+
+
+def _sample(cfg: dict, args: argparse.Namespace) -> None:
     import datetime
     import shutil
     import time

@@ -48,11 +48,15 @@ def run_stage(
     Without ``base`` the model is built fresh (seeded by ``seed``); with it, the policy and the frozen
     reference are both loaded from ``base``.
     """
+    import contextlib
+
     import torch
 
     from ccalign.config import entry
     from ccalign.data.dataset import CodeDataset
+    from ccalign.device import world
     from ccalign.families import get_family
+    from ccalign.io import output_lock
     from ccalign.tracking import flatten, stage_run
     from ccalign.train.loop import train
     from ccalign.train.settings import TrainSettings
@@ -80,7 +84,9 @@ def run_stage(
     params = {f"{stage}.resolved.{k}": v for k, v in flatten(settings.to_dict()).items()}
     params.update({f"{stage}.resolved.model_args.{k}": v for k, v in model_args.items()})
     inputs = {"tokenizer": tokenizer_path, "cache": cache_dir} | ({"base": base} if base else {})
-    with stage_run(cfg, stage, labels, params=params, inputs=inputs) as run:
+    # one job per output: its rank 0 holds the lock (a second job stops, naming the holder)
+    lock = output_lock(out) if world()[0] == 0 else contextlib.nullcontext()
+    with lock, stage_run(cfg, stage, labels, params=params, inputs=inputs) as run:
         return train(
             family,
             model,
