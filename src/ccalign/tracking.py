@@ -151,6 +151,8 @@ class StageRun:
             "params": {k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()},
             "metrics": [],
             "artifacts": [],
+            "inputs": [],  # datasets: [name, digest, source]
+            "tables": [],  # [columns mapping, artifact file]
             "status": "RUNNING",
             "start_ms": int(time.time() * 1000),
         }
@@ -170,11 +172,11 @@ class StageRun:
             exp_id = client.create_experiment(self.record["experiment"], **kwargs)
         else:
             exp_id = exp.experiment_id
+        tags = dict(self.record["tags"])
+        if tags.get("ccalign.group"):  # a job of a pipeline invocation: a child of the invocation's run
+            tags["mlflow.parentRunId"] = invocation_run(client, exp_id, tags["ccalign.group"], self.cfg)
         run = client.create_run(
-            exp_id,
-            start_time=self.record["start_ms"],
-            tags=self.record["tags"],
-            run_name=self.record["run_name"],
+            exp_id, start_time=self.record["start_ms"], tags=tags, run_name=self.record["run_name"]
         )
         self.client, self.run_id = client, run.info.run_id
         self.record["run_id"] = self.run_id
@@ -217,6 +219,16 @@ class StageRun:
         self.record["artifacts"].append([str(Path(path).resolve()), artifact_path])
         self._send(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_input(self, name: str, digest: str, source: str) -> None:
+        """A dataset the run read (the UI's Dataset column): e.g. the code cache, by its manifest hash."""
+        self.record["inputs"].append([name, digest, source])
+        self._send(_log_inputs, self.client, self.run_id, [[name, digest, source]])
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A table (column name → values) as an MLflow table artifact, viewable in the UI."""
+        self.record["tables"].append([columns, artifact_file])
+        self._send(lambda: self.client.log_table(self.run_id, columns, artifact_file))
+
     def _finish(self, status: str) -> None:
         self.record["status"] = status
         self.record["end_ms"] = int(time.time() * 1000)
@@ -248,6 +260,58 @@ class _NullRun(StageRun):
     def log_metrics(self, metrics, step=None): ...
     def set_tags(self, tags): ...
     def log_artifact(self, path, artifact_path=None): ...
+    def log_input(self, name, digest, source): ...
+    def log_table(self, columns, artifact_file): ...
+
+
+def _log_inputs(client, run_id: str, inputs: list) -> None:
+    from mlflow.entities import Dataset, DatasetInput
+
+    datasets = [
+        DatasetInput(Dataset(name=n, digest=d[:36], source_type="local", source=s)) for n, d, s in inputs
+    ]
+    client.log_inputs(run_id, datasets=datasets)
+
+
+def invocation_run(client, experiment_id: str, group: str, cfg: dict) -> str:
+    """The id of the parent run of pipeline invocation ``group``, created by whichever job asks first.
+
+    A lock file under data_root/mlflow keeps two jobs of one invocation from both creating it."""
+    import fcntl
+
+    lock = _pending_dir(cfg).parent / f".invocation-{group}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        query = f"tags.`ccalign.group` = '{group}' and tags.`ccalign.role` = 'invocation'"
+        found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+        if found:
+            return found[0].info.run_id
+        name = f"pipeline · {cfg.get('experiment', 'ccalign')} · {time.strftime('%Y-%m-%d %H:%M')} · {group}"
+        tags = {"ccalign.group": group, "ccalign.role": "invocation", **git_lineage()}
+        return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+def finish_invocation(cfg: dict, group: str, status: str) -> None:
+    """Send every buffered run of this data_root and close the invocation's parent run with ``status``.
+
+    Snakemake calls this once the invocation ends (``onsuccess`` / ``onerror``); tracking problems are
+    warnings."""
+    if not group:
+        return
+    try:
+        replay_pending(cfg)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        exp = client.get_experiment_by_name(cfg.get("experiment", "ccalign"))
+        if exp is None:
+            return
+        query = f"tags.`ccalign.group` = '{group}' and tags.`ccalign.role` = 'invocation'"
+        for parent in client.search_runs([exp.experiment_id], filter_string=query):
+            client.set_terminated(parent.info.run_id, status)
+    except Exception as e:  # noqa: BLE001 - tracking must never fail the pipeline
+        log.warning("could not close the MLflow run of this invocation (%s: %s)", type(e).__name__, e)
 
 
 def _log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -328,6 +392,10 @@ def replay_pending(cfg: dict) -> int:
             for p, ap in rec["artifacts"]:
                 if Path(p).exists():
                     run.client.log_artifact(run.run_id, p, ap)
+            if rec.get("inputs"):
+                _log_inputs(run.client, run.run_id, rec["inputs"])
+            for columns, artifact_file in rec.get("tables", []):
+                run.client.log_table(run.run_id, columns, artifact_file)
             run.client.set_terminated(run.run_id, rec["status"], rec.get("end_ms"))
         except Exception as e:  # noqa: BLE001 - stays pending for the next try
             if run.run_id is not None:  # never leave the run this attempt opened RUNNING

@@ -11,6 +11,7 @@ import uuid
 
 from ccalign.config import ConfigError
 from ccalign.pipeline import code_version, join_args, snakemake_plan
+from ccalign.state import after_invocation
 
 CONFIGFILES = [os.path.relpath(f) for f in workflow.overwrite_configfiles] or ["config/config.yaml"]
 try:
@@ -18,8 +19,8 @@ try:
 except ConfigError as error:
     sys.exit(f"ccalign: {error}")
 ROOT = PLAN.root
-# One id for all runs of this invocation: MLflow groups them under it.
-os.environ.setdefault("CCALIGN_RUN_GROUP", uuid.uuid4().hex[:12])
+# One id for all jobs of this invocation (Slurm jobs inherit it): their MLflow runs are children of one run.
+GROUP = os.environ.setdefault("CCALIGN_RUN_GROUP", uuid.uuid4().hex[:12])
 
 
 wildcard_constraints:
@@ -98,3 +99,12 @@ def resources(stage):
         tasks=get_resource("nodes"),
         tasks_per_gpu=0,
     )
+
+
+onsuccess:
+    # DVC records what ran (dvc.lock + cache); MLflow gets the buffered runs and closes the invocation's run.
+    after_invocation(PLAN, GROUP, succeeded=True)
+
+
+onerror:
+    after_invocation(PLAN, GROUP, succeeded=False)

@@ -7,9 +7,15 @@ rule report:
         metrics=get("report", "metrics"),
         grids=get("report", "grids"),
     output:
-        summary=data("report/summary.csv"),
+        summary=report(data("report/summary.csv"), caption="../report/summary.rst", category="Results"),
         table=data("report/summary.md"),
-        plot=data("report/fid_is.png"),
+        plot=report(data("report/fid_is.png"), caption="../report/fid_is.rst", category="Results"),
+        grids=report(
+            directory(data("report/grids")),
+            patterns=["{family}/{model}/{name}.png"],
+            caption="../report/grids.rst",
+            category="Sample grids",
+        ),
         record=data("report/summary.csv.job.json"),
     params:
         command=command("report"),

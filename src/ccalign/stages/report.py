@@ -84,7 +84,12 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
 SPEC = Stage(
     name="report",
     help=HELP,
-    outputs={"summary": "report/summary.csv", "table": "report/summary.md", "plot": "report/fid_is.png"},
+    outputs={
+        "summary": "report/summary.csv",
+        "table": "report/summary.md",
+        "plot": "report/fid_is.png",
+        "grids": "report/grids",
+    },
     jobs=jobs,
     add_arguments=add_arguments,
     main=main,

@@ -1,0 +1,71 @@
+"""One state across Snakemake, DVC and MLflow: what a Snakemake invocation made, the other two record.
+
+When an invocation ends, the Snakefile calls :func:`after_invocation` (its ``onsuccess`` / ``onerror``
+handlers, in the one Snakemake process that schedules the jobs):
+
+- **DVC**: every stage of ``dvc.yaml`` whose outputs now exist is committed in one ``dvc commit`` (dvc.lock
+  updated, outputs copied into the DVC cache), so ``dvc status`` is clean, ``dvc repro`` has nothing to do
+  and ``dvc push`` ships the data. One process at the end, after every job, never races another DVC command
+  of this invocation (DVC takes its repository lock; jobs running in parallel would contend for it). Skipped,
+  with one line saying why, when the repository has no DVC or its ``dvc.yaml`` was generated for another
+  config (``ccalign plan --dvc`` makes the one for a config).
+- **MLflow**: the runs the jobs buffered are sent and the invocation's parent run is closed.
+
+The reverse needs nothing: after ``dvc repro`` every output is newer than its inputs, so Snakemake has
+nothing to do (it reruns a job only for changed files, params or code it has records of).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from ccalign.log import get_logger
+from ccalign.pipeline import Plan, dvc_yaml
+
+log = get_logger("state")
+
+
+def dvc_stages_to_commit(plan: Plan, root: Path = Path()) -> list[str] | str:
+    """The dvc.yaml stages whose outputs all exist, or why DVC cannot record this invocation."""
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return "no DVC repository here"
+    if yaml.safe_load((root / "dvc.yaml").read_text()) != dvc_yaml(plan):
+        files = " + ".join(plan.configfiles)
+        return (
+            f"dvc.yaml describes another config than {files} (make it with: ccalign plan --dvc --config ...)"
+        )
+    return [j.name for j in plan.jobs() if all((root / p).exists() for p in j.outputs.values())]
+
+
+def commit_to_dvc(plan: Plan, root: Path = Path()) -> bool:
+    """Record the finished stages in dvc.lock and the DVC cache; True if it did."""
+    stages = dvc_stages_to_commit(plan, root)
+    if isinstance(stages, str):
+        log.info("DVC not updated: %s", stages)
+        return False
+    if not stages:
+        return False
+    dvc = shutil.which("dvc") or "dvc"
+    done = subprocess.run(
+        [dvc, "commit", "--force", "--quiet", *stages], cwd=root, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        log.warning(
+            "dvc commit failed (%s); run `dvc commit --force` to record the outputs", done.stderr.strip()
+        )
+        return False
+    log.info("DVC: %d stages recorded in dvc.lock and the cache", len(stages))
+    return True
+
+
+def after_invocation(plan: Plan, group: str, succeeded: bool) -> None:
+    """What the Snakefile runs when an invocation ends."""
+    from ccalign.tracking import finish_invocation
+
+    if succeeded:
+        commit_to_dvc(plan)
+    finish_invocation(plan.cfg, group, "FINISHED" if succeeded else "FAILED")
