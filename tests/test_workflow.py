@@ -75,8 +75,13 @@ def _rules() -> dict[str, dict[str, dict[str, str]]]:
             sections = {}
             for section in ("input", "output"):
                 block = re.search(rf"^    {section}:\n((?:        .*\n)+)", body, re.M)
-                entries = re.findall(r"^        (\w+)=(.*),$", block.group(1), re.M) if block else []
-                sections[section] = dict(entries)
+                entries = re.findall(
+                    r"^        (\w+)=(.*?)(?=^        \w+=|\Z)", block.group(1) if block else "", re.M | re.S
+                )
+                patterns = [re.search(r'data\("([^"]*)"\)', v) for _, v in entries]  # an output's path
+                sections[section] = {
+                    k: m.group(1) if m else v.strip() for (k, v), m in zip(entries, patterns)
+                }
             rules[name] = sections
     return rules
 
@@ -85,8 +90,7 @@ def test_every_stage_is_one_rule_whose_outputs_are_the_declared_ones():
     rules = _rules()
     assert set(rules) == set(stages())
     for name, spec in stages().items():
-        declared = {k: f'data("{v}")' for k, v in spec.outputs.items()}
-        declared["record"] = f'data("{record_path(next(iter(spec.outputs.values())))}")'
+        declared = {**spec.outputs, "record": record_path(next(iter(spec.outputs.values())))}
         assert rules[name]["output"] == declared, name
     for configfile in CONFIGS:  # the rule names every input any job of the stage has
         for job in plan_of(configfile).jobs():
