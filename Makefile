@@ -22,6 +22,7 @@ run: $(STAMP)
 test: $(STAMP) lint
 	CCALIGN_INTEGRATION=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q tests/golden; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

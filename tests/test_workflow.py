@@ -80,7 +80,7 @@ def _rules() -> dict[str, dict[str, dict[str, str]]]:
                 )
                 patterns = [re.search(r'data\("([^"]*)"\)', v) for _, v in entries]  # an output's path
                 sections[section] = {
-                    k: m.group(1) if m else v.strip() for (k, v), m in zip(entries, patterns)
+                    k: m.group(1) if m else v.strip() for (k, v), m in zip(entries, patterns, strict=True)
                 }
             rules[name] = sections
     return rules
