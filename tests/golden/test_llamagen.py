@@ -398,4 +398,4 @@ def test_preprocess(gs):
     x = preprocess(image, size)
     close(x, p["normalized_chw"], rtol=0, what="normalized_chw")
     close(x.flip(-1), p["normalized_hflip_chw"], rtol=0, what="normalized_hflip_chw")
-    close(to_model_input(np.asarray(crop)), p["normalized_chw"], rtol=0, what="to_model_input")
+    close(to_model_input(np.array(crop)), p["normalized_chw"], rtol=0, what="to_model_input")

@@ -163,4 +163,4 @@ def preprocess(pil_image: Image.Image, image_size: int) -> torch.Tensor:
     ``2·x/255 - 1`` bit for bit (scaling by 2 is exact and commutes with rounding).
     """
     crop = center_crop_arr(pil_image.convert("RGB"), image_size)
-    return to_model_input(np.asarray(crop, dtype=np.uint8))
+    return to_model_input(np.array(crop, dtype=np.uint8))
