@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test lint dryrun-paper test-integration clean
+.PHONY: run test lint smoke-lock dryrun-paper test-integration clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 ## test-integration: only the integration tests (real Slurm cluster, MLflow server + UI, DVC remote)
 test-integration: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests/integration
+
+## smoke-lock: record the smoke outputs' hashes (tests/smoke.dvc.lock) after a change of outputs on purpose
+smoke-lock: $(STAMP)
+	CCALIGN_UPDATE_SMOKE_LOCK=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests/test_pipeline_e2e.py -k committed_lock
 
 ## dryrun-paper: every job of the ImageNet reproduction on the Slurm profile, with resources
 dryrun-paper: $(STAMP)

@@ -21,5 +21,12 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    """Every target of the config (the paper config: every table and figure of the paper)."""
+    input:
+        targets("report"),
+
+
+rule paper:
+    """Every table and figure: the same as all."""
     input:
         targets("report"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 from scipy.spatial.distance import cdist
-from scipy.special import rel_entr, softmax
+from scipy.special import softmax
 
 from ccalign.metrics.fidelity import (
     IS_SHUFFLE_SEED,
@@ -55,35 +55,50 @@ def test_fid_rejects_mismatched_statistics():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-def _inception_score_numpy(logits: np.ndarray, splits: int, seed: int) -> tuple[float, float]:
-    n = len(logits)
-    p = softmax(logits.astype(np.float64), axis=1)[np.random.RandomState(seed).permutation(n)]
+def _adm_inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """ADM's evaluator (guided-diffusion evaluations/evaluator.py), independently: softmax, then consecutive
+    parts of ``split_size`` rows in file order, exp of the mean KL to the part's marginal, mean over parts."""
+    preds = softmax(logits.astype(np.float64), axis=1)
     scores = []
-    for i in range(splits):
-        part = p[i * n // splits : (i + 1) * n // splits]
-        scores.append(np.exp(rel_entr(part, part.mean(0, keepdims=True)).sum(1).mean()))
-    return float(np.mean(scores)), float(np.std(scores))
+    for i in range(0, len(preds), split_size):
+        part = preds[i : i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
 
 
-def test_inception_score_matches_numpy():
-    logits = np.random.default_rng(4).normal(size=(1003, 20)).astype(np.float32) * 3
-    mean, std = inception_score(logits, splits=10)
-    ref_mean, ref_std = _inception_score_numpy(logits, 10, IS_SHUFFLE_SEED)
-    assert mean == pytest.approx(ref_mean, rel=1e-9)
-    assert std == pytest.approx(ref_std, rel=1e-6)
-    assert 1.0 < mean < 20.0
+@pytest.mark.parametrize("n", [50_000, 10_000, 4_999, 50])
+def test_inception_score_splits_as_adm_after_a_fixed_shuffle(n):
+    logits = np.random.default_rng(4).normal(size=(n, 10)).astype(np.float32) * 3
+    shuffled = logits[np.random.RandomState(IS_SHUFFLE_SEED).permutation(n)]
+    mean, std = inception_score(logits)
+    assert mean == pytest.approx(_adm_inception_score(shuffled), rel=1e-9)
+    parts = -(-n // 5000)  # 10 splits for 50k; one below 5,000
+    assert (std == 0.0) == (parts == 1)
+    assert inception_score(logits, split_size=n)[0] == pytest.approx(
+        _adm_inception_score(logits, n), rel=1e-9
+    )
+
+
+def test_a_class_ordered_file_is_shuffled_before_splitting():
+    n, c = 50_000, 1000
+    logits = np.full((n, c), -30.0, np.float32)
+    logits[np.arange(n), np.arange(n) // 50] = 30.0  # ADM's layout: 50 samples of each class, in order
+    mean, _ = inception_score(logits)
+    assert mean > 850  # each split of 5,000 sees most of the classes, about 5 samples each
+    assert _adm_inception_score(logits) == pytest.approx(100, rel=1e-3)  # in file order: 100 per split
 
 
 def test_inception_score_of_confident_balanced_predictions_is_the_class_count():
     logits = np.full((1000, 10), -50.0, np.float32)
     logits[np.arange(1000), np.arange(1000) % 10] = 50.0
-    mean, _ = inception_score(logits, splits=10)
-    assert mean == pytest.approx(10.0, rel=0.05)  # shuffled splits are only roughly balanced
+    mean, _ = inception_score(logits)
+    assert mean == pytest.approx(10.0, rel=1e-6)  # one split of all 1000
 
 
-def test_inception_score_needs_a_sample_per_split():
-    with pytest.raises(ValueError, match="splits"):
-        inception_score(np.zeros((5, 3), np.float32), splits=10)
+def test_inception_score_needs_logits():
+    with pytest.raises(ValueError, match="logits"):
+        inception_score(np.zeros((0, 3), np.float32))
 
 
 def _precision_recall_scipy(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:

@@ -108,7 +108,7 @@ def _closed_port() -> int:
 def _run_stage(tmp_path: Path, weights: Path, samples: Path, reference: Path) -> dict:
     cfg = load_config(ROOT / "config" / "config.yaml", [f"data_root={tmp_path}"])
     cfg["tracking"]["uri"] = f"http://127.0.0.1:{_closed_port()}"
-    cfg["evaluate"] |= {"batch_size": 4, "device": "cpu", "is_splits": 2, "prc_k": 3, "prc_batch_size": 10000}
+    cfg["evaluate"] |= {"batch_size": 4, "device": "cpu", "is_split_size": 2, "prc_k": 3}
     out = tmp_path / "metrics.json"
     args = argparse.Namespace(
         samples=samples, reference=reference, extractor="inception", inception_weights=weights,

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ccalign.metrics.fidelity import feature_stats
 from ccalign.metrics.protocol import ImageSet, evaluate
 
-SETTINGS = {"batch_size": 3, "is_splits": 2, "prc_k": 3, "prc_batch_size": 100}
+SETTINGS = {"batch_size": 3, "is_split_size": 5, "prc_k": 3, "prc_batch_size": 100}
 
 
 class Stub(nn.Module):

@@ -1,4 +1,8 @@
-"""The whole DAG on the smoke config, through Snakemake and again through `dvc repro` (minutes on 2 cores)."""
+"""The whole DAG on the smoke config in a copy of the repository (minutes on 2 cores): Snakemake runs it; DVC
+and MLflow then know what ran; a second run does nothing; a change of config or code reruns exactly what
+depends on it; `--config` values reach the jobs; `dvc repro` in a fresh copy leaves Snakemake nothing to do.
+
+The copy's own sources are the ones every job imports (PYTHONPATH), so editing them is editing the code."""
 
 from __future__ import annotations
 
@@ -12,152 +16,221 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-from ccalign.workflow import Plan
+from PIL import Image
 
 from ccalign.config import load_config
+from ccalign.pipeline import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
+SMOKE = "config/smoke.yaml"
+LOCK = ROOT / "tests" / "smoke.dvc.lock"  # the smoke outputs' hashes on the CI machine kind
 
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path = ROOT, timeout: int = 1500) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def env_for(ws: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "CCALIGN_RUN_GROUP"))}
+    return env | {
+        "PATH": f"{BIN}:{env['PATH']}",
+        "PYTHONPATH": str(ws / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def run(cmd: list[str], ws: Path, timeout: int = 1500) -> str:
+    out = subprocess.run(cmd, cwd=ws, env=env_for(ws), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return out.stdout + out.stderr
 
 
-def snakemake(cfg: Path, root: Path, *extra: str) -> str:
+def snakemake(ws: Path, *extra: str) -> str:
     return run(
-        [
-            str(BIN / "snakemake"),
-            "--profile",
-            "workflow/profiles/local",
-            "--configfile",
-            str(cfg),
-            "--config",
-            f"data_root={root}",
-            *extra,
-        ]
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--configfile", SMOKE, *extra], ws
     )
 
 
-def expected_rows(cfg_path: Path, root: Path) -> set[tuple]:
-    cfg = load_config(cfg_path, [f"data_root={root}"])
-    rows = set()
-    for j in Plan(cfg, str(cfg_path)).jobs():
-        if j.stage == "evaluate":
-            w = j.wildcards
-            objective, lam = ("base", "") if w["variant"] == "base" else w["variant"].split("_lam")
-            rows.add(
-                (
-                    w["family"],
-                    w["model"],
-                    w["seed"],
-                    objective,
-                    lam and str(float(lam)),
-                    str(float(w["guidance"])),
-                )
-            )
-    return rows
+def dvc(ws: Path, *args: str) -> str:
+    return run([str(BIN / "dvc"), *args], ws)
 
 
-def summary(root: Path) -> list[dict]:
-    with open(root / "report" / "summary.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def check_summary(cfg: Path, root: Path) -> None:
-    rows = summary(root)
-    got = {(r["family"], r["model"], r["seed"], r["objective"], r["lambda"], r["guidance"]) for r in rows}
-    assert got == expected_rows(cfg, root)
-    for r in rows:
-        for k in ("fid", "is", "precision", "recall", "class_acc", "images_per_s"):
-            assert math.isfinite(float(r[k])), (k, r)
-        assert int(r["n_samples"]) > 0
+def workspace(dest: Path, cfg_edit=None) -> Path:
+    """A git clone-like copy of the repository (tracked and untracked files, no data), with DVC, and
+    dvc.yaml made for the smoke config."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for f in filter(None, (x.decode() for x in files)):
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    if cfg_edit:
+        cfg = yaml.safe_load((dest / SMOKE).read_text())
+        cfg_edit(cfg)
+        (dest / SMOKE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (dest / "dvc.yaml").write_text(run([str(BIN / "ccalign"), "plan", "--dvc", "--config", SMOKE], dest))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "clone"]):
+        run([*git, *args], dest)
+    return dest
 
 
 def job_stats(text: str) -> dict[str, int]:
     """Snakemake's 'Job stats' table of a dry run: rule → count."""
+    if "Job stats:" not in text:
+        return {}
     block = text.split("Job stats:", 1)[1].split("total", 1)[0]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
 
 
+def dvc_changed(ws: Path) -> set[str]:
+    """Stages `dvc status` reports as changed."""
+    return set(re.findall(r"^(\S+):\s*$", dvc(ws, "status"), re.M))
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    work = tmp_path_factory.mktemp("smoke")
-    cfg = work / "smoke.yaml"
-    shutil.copy(ROOT / "config" / "smoke.yaml", cfg)
-    root = work / "data"
-    snakemake(cfg, root)
-    return cfg, root
+def ws(tmp_path_factory) -> Path:
+    ws = workspace(tmp_path_factory.mktemp("smoke") / "repo")
+    snakemake(ws)
+    return ws
 
 
-def test_snakemake_runs_every_stage_and_reports(smoke):
-    cfg, root = smoke
-    check_summary(cfg, root)
-    for name in ("summary.md", "fid_is.png"):
-        assert (root / "report" / name).stat().st_size > 0
-    assert list((root / "report" / "grids").rglob("*.png"))
+def plan_of(ws: Path) -> Plan:
+    return Plan(load_config(ws / SMOKE), SMOKE)
 
 
-def test_mlflow_holds_one_run_per_job_with_lineage(smoke):
-    cfg, root = smoke
-    jobs = Plan(load_config(cfg, [f"data_root={root}"]), str(cfg)).jobs()
-    db = sqlite3.connect(root / "mlflow" / "mlflow.db")
+def test_snakemake_runs_every_stage_and_reports(ws):
+    plan = plan_of(ws)
+    with open(ws / "data/report/summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = {
+        (j.labels["model"], j.labels["seed"], j.labels["objective"], j.labels["guidance"])
+        for j in plan.jobs()
+        if j.stage.name == "evaluate"
+    }
+    assert {(r["model"], r["seed"], r["objective"], f"{float(r['guidance']):g}") for r in rows} == expected
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) for k in ("fid", "is", "precision", "recall", "class_acc"))
+    grids = sorted((ws / "data/report/grids").rglob("*.png"))
+    assert grids and all(min(Image.open(g).size) >= 512 for g in grids)  # upscaled: large enough to see
+    html = ws / "data/report/report.html"
+    run([str(BIN / "snakemake"), "--configfile", SMOKE, "--report", str(html)], ws)
+    text = html.read_text()
+    assert "summary.csv" in text and "fid_is.png" in text and "Sample grids" in text
+
+
+def test_dvc_records_what_snakemake_made(ws):
+    assert "Data and pipelines are up to date" in dvc(ws, "status")
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {j.name for j in plan_of(ws).jobs()}
+    assert "Data and pipelines are up to date" in dvc(ws, "status")
+    assert "didn't change, skipping" in dvc(ws, "repro")  # nothing to redo
+    assert not dvc_changed(ws)
+
+
+def test_smoke_outputs_match_the_committed_lock(ws):
+    """Same inputs, same bytes: the smoke outputs hash as tests/smoke.dvc.lock records (CI machine kind)."""
+
+    def outs(lock: dict) -> dict[str, str]:
+        return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st["outs"]}
+
+    if os.environ.get("CCALIGN_UPDATE_SMOKE_LOCK") == "1":  # make smoke-lock: outputs changed on purpose
+        shutil.copy(ws / "dvc.lock", LOCK)
+
+    ours, committed = (
+        outs(yaml.safe_load((ws / "dvc.lock").read_text())),
+        outs(yaml.safe_load(LOCK.read_text())),
+    )
+    differ = sorted(p for p in committed if ours.get(p) != committed[p])
+    assert set(ours) == set(committed) and not differ, (
+        f"smoke outputs differ from {LOCK.name}: {differ[:5]} (if intended: make smoke-lock)"
+    )
+
+
+def test_mlflow_has_one_parent_run_with_a_child_per_job(ws):
+    db = sqlite3.connect(ws / "data/mlflow/mlflow.db")
     tags: dict[str, dict[str, str]] = {}
     for run_uuid, key, value in db.execute("SELECT run_uuid, key, value FROM tags"):
         tags.setdefault(run_uuid, {})[key] = value
-    rules = sorted(t.get("snakemake.rule", "") for t in tags.values())
-    assert rules == sorted(j.stage for j in jobs)
-    assert len({t["ccalign.group"] for t in tags.values()}) == 1  # one pipeline invocation
-    for t in tags.values():
-        assert t["git.commit"] and t["ccalign.config_hash"]
-        assert t.get("snakemake.wildcards") or t["snakemake.rule"] == "report"  # report has no wildcards
+    status = dict(db.execute("SELECT run_uuid, status FROM runs"))
+    names = dict(db.execute("SELECT run_uuid, name FROM runs"))
+    (parent,) = [r for r, t in tags.items() if t.get("ccalign.role") == "invocation"]
+    children = [r for r in tags if r != parent]
+    assert status[parent] == "FINISHED" and names[parent].startswith("pipeline · ccalign-smoke")
+    assert all(tags[r]["mlflow.parentRunId"] == parent for r in children)
+    jobs = plan_of(ws).jobs()
+    assert sorted(tags[r]["stage"] for r in children) == sorted(j.stage.name for j in jobs)
+    for job in jobs:  # the same tag keys for every stage: the job's labels
+        (match,) = [r for r in children if all(tags[r].get(k) == v for k, v in job.labels.items())
+                    and tags[r]["stage"] == job.stage.name]  # fmt: skip
+        assert status[match] == "FINISHED"
+    sample = next(r for r in children if tags[r]["stage"] == "sample" and tags[r]["objective"] == "cca")
+    assert re.fullmatch(r"sample · \w+ · cca λ=1 · g=[\d.]+ · seed 0", names[sample])
+    inputs = db.execute("SELECT destination_id FROM inputs WHERE destination_type = 'RUN'").fetchall()
+    assert {r for (r,) in inputs} >= {r for r in children if tags[r]["stage"] in ("pretrain", "finetune")}
 
 
-def test_second_invocation_does_nothing_and_lambda_reruns_only_downstream(smoke):
-    cfg, root = smoke
-    assert "Nothing to be done" in snakemake(cfg, root, "-n")
-    edited = yaml.safe_load(cfg.read_text())
+def test_second_invocation_does_nothing_and_lambda_reruns_only_downstream(ws, tmp_path):
+    assert "Nothing to be done" in snakemake(ws, "-n")
+    edited = yaml.safe_load((ws / SMOKE).read_text())
     edited["models"]["llamagen_tiny"]["sweep"]["cca"] = [1.0, 2.0]
-    cfg.write_text(yaml.safe_dump(edited, sort_keys=False))
-    try:
-        stats = job_stats(snakemake(cfg, root, "-n"))
-    finally:
-        shutil.copy(ROOT / "config" / "smoke.yaml", cfg)
+    other = tmp_path / "smoke2.yaml"
+    other.write_text(yaml.safe_dump(edited, sort_keys=False))
+    out = run([str(BIN / "snakemake"), "-n", "--configfile", str(other)], ws)
     guidance = len(edited["models"]["llamagen_tiny"]["guidance"]["finetuned"])
-    assert stats == {"finetune": 1, "sample": guidance, "evaluate": guidance, "report": 1, "all": 1}
+    assert job_stats(out) == {"finetune": 1, "sample": guidance, "evaluate": guidance, "report": 1, "all": 1}
 
 
-def test_dvc_repro_reproduces_the_smoke_pipeline(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("src", "config", "workflow", "pyproject.toml"):
-        (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, repo / item)
-    # DVC runs stages one at a time: keep one family to bound the time (the Snakemake test runs both).
-    smoke = yaml.safe_load((repo / "config" / "smoke.yaml").read_text())
-    del smoke["models"]["var_tiny"], smoke["tokenizers"]["msvq_tiny"]
-    smoke["tracking"]["defer"] = True  # no MLflow start-up per stage; the report stage sends every run
-    (repo / "config" / "smoke.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
-    run(["git", "init", "-q"], cwd=repo)
-    run([str(BIN / "dvc"), "init", "-q"], cwd=repo)
-    dvc_yaml = run(
-        [sys.executable, "-m", "ccalign.workflow", "--config", "config/smoke.yaml", "--dvc"], cwd=repo
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("sample/shards.py", {"sample", "evaluate", "report"}),  # imported by the sample stage alone
+        ("report.py", {"report"}),
+    ],
+)
+def test_a_code_change_reruns_exactly_what_imports_it(ws, module, expected):
+    path = ws / "src/ccalign" / module
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        stats = job_stats(snakemake(ws, "-n"))
+        changed = dvc_changed(ws)
+    finally:
+        path.write_text(original)
+    jobs = plan_of(ws).jobs()
+    first = next(iter(expected))
+    assert set(stats) - {"all"} == expected
+    assert stats[first] == sum(j.stage.name == first for j in jobs)  # every job of the stage, no other
+    assert changed == {j.name for j in jobs if j.stage.name == first}  # DVC: its stages' deps changed
+    assert "Nothing to be done" in snakemake(ws, "-n")  # and the edit undone, nothing again
+
+
+def test_config_values_reach_the_jobs_that_read_them(ws):
+    plan = plan_of(ws)
+    sample = next(j for j in plan.jobs() if j.stage.name == "sample" and j.labels["objective"] == "cca")
+    finetune = next(j for j in plan.jobs() if j.stage.name == "finetune")
+    snakemake(
+        ws, sample.output, finetune.output, "--config", "sample={per_class: 3}", "finetune={lr: 3.0e-5}"
     )
-    (repo / "dvc.yaml").write_text(dvc_yaml)
-    run([str(BIN / "dvc"), "repro", "--quiet"], cwd=repo)
-    check_summary(repo / "config" / "smoke.yaml", repo / "data")
-    assert "Data and pipelines are up to date" in run([str(BIN / "dvc"), "status"], cwd=repo)
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == set(yaml.safe_load(dvc_yaml)["stages"])
-    # deferred tracking: nothing left buffered, one finished MLflow run per DVC stage
-    assert not list((repo / "data" / "mlflow" / "pending").iterdir())
-    db = sqlite3.connect(repo / "data" / "mlflow" / "mlflow.db")
-    statuses = [s for (s,) in db.execute("SELECT status FROM runs")]
-    assert statuses == ["FINISHED"] * len(lock["stages"])
+    record = yaml.safe_load((ws / sample.outputs["record"]).read_text())
+    assert record["config"]["overrides"] == ["sample.per_class=3", "finetune.lr=3e-05"]
+    assert record["values"][f"models.{sample.labels['model']}.sample"]["per_class"] == 3
+    with np.load(ws / sample.output) as z:
+        assert np.bincount(z["labels"]).tolist() == [3] * len(np.unique(z["labels"]))
+    tuned = yaml.safe_load((ws / finetune.outputs["record"]).read_text())
+    assert tuned["values"][f"models.{finetune.labels['model']}.finetune"]["lr"] == 3e-5
+
+
+def test_after_dvc_repro_snakemake_has_nothing_to_do(tmp_path):
+    def llamagen_only(cfg: dict) -> None:  # DVC runs stages one at a time: half the DAG bounds the time
+        del cfg["models"]["var_tiny"], cfg["tokenizers"]["msvq_tiny"]
+
+    ws = workspace(tmp_path / "repo", llamagen_only)
+    dvc(ws, "repro", "--quiet")
+    assert "Data and pipelines are up to date" in dvc(ws, "status")
+    assert "Nothing to be done" in snakemake(ws, "-n")
+    assert list((ws / "data/report").glob("summary.csv"))

@@ -15,6 +15,7 @@ import yaml
 
 from ccalign.cli import build_parser
 from ccalign.config import load_config
+from ccalign.families import get_family
 from ccalign.pipeline import Plan, code_files, dvc_yaml, fmt, record_path, snakemake_plan, stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,20 +127,67 @@ def test_snakemake_lint_is_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_paper_dry_run_on_slurm_lists_all_finetune_jobs_with_gpus():
+def test_paper_dry_run_on_slurm_gives_every_finetune_job_its_gpus():
     out = _smk("-n", "--profile", "workflow/profiles/slurm", "--configfile", "config/paper.yaml")
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     cfg = load_config(ROOT / "config/paper.yaml")
     blocks = [b for b in text.split("\n\n") if "rule finetune:" in b or "localrule finetune:" in b]
-    assert len(blocks) == len(cfg["models"])
+    assert len(blocks) == sum(j.stage.name == "finetune" for j in plan_of("config/paper.yaml").jobs())
     for m, spec in cfg["models"].items():
-        (block,) = [b for b in blocks if f"/{m}/" in b]
         res = spec["resources"]["finetune"]
-        assert f"gres=gpu:{res['gpus']}" in block and "runtime=" in block and "mem_mb=" in block
-        assert (f"nodes={res['nodes']}" in block) and (res["nodes"] > 1) == (
-            m in ("llamagen_XXL", "llamagen_3B")
-        )
+        for block in (b for b in blocks if f"/{m}/" in b):
+            assert f"gres=gpu:{res['gpus']}" in block and "runtime=" in block and "mem_mb=" in block
+            assert f"nodes={res['nodes']}" in block
+        assert (res["nodes"] > 1) == (m in ("llamagen_XXL", "llamagen_3B"))
+
+
+# jobs per stage of each paper target (README "Reproducing the paper" shows the same table)
+PAPER_TARGETS = {
+    "table2": {"fetch": 13, "tokenize": 2, "finetune": 9, "sample": 27, "evaluate": 27, "report": 1},
+    "table3": {"fetch": 6, "tokenize": 2, "finetune": 6, "sample": 8, "evaluate": 8, "report": 1},
+    "fig4": {"fetch": 6, "tokenize": 2, "finetune": 12, "sample": 27, "evaluate": 27, "report": 1},
+    "fig5": {"fetch": 4, "tokenize": 1, "finetune": 4, "sample": 16, "evaluate": 16, "report": 1},
+    "fig6": {"fetch": 8, "tokenize": 1, "finetune": 10, "sample": 45, "evaluate": 45, "report": 1},
+}
+
+
+@pytest.mark.parametrize("target", sorted(PAPER_TARGETS))
+def test_each_paper_target_is_a_rule_with_exactly_its_jobs(target):
+    out = _smk("-n", target, "--configfile", "config/paper.yaml")
+    assert out.returncode == 0, out.stderr
+    stats = {
+        m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", out.stdout.split("Job stats:")[1], re.M)
+    }
+    stats.pop("total")
+    assert stats == {**PAPER_TARGETS[target], target: 1}
+
+
+def test_paper_targets_share_their_jobs_and_use_the_official_settings():
+    plan = plan_of("config/paper.yaml")
+    every = plan.needed(plan.targets)
+    assert len(every) == len(plan.jobs()) < sum(len(plan.needed([t])) for t in plan.targets)  # shared once
+    official = {
+        "llamagen_B": 2.0,
+        "llamagen_L": 2.0,
+        "llamagen_XL": 1.75,
+        "llamagen_XXL": 1.75,
+        "llamagen_3B": 1.65,
+    }
+    official |= {
+        m: 1.5 for m in ("var_d16", "var_d20", "var_d24", "var_d30")
+    }  # LlamaGen GETTING_STARTED, VAR
+    guided = {
+        (m, g) for m, v, g in plan.target_sets("table2") if v.objective == "base" and g not in (0.0, 1.0)
+    }
+    assert guided == set(official.items())
+    samples = [j for j in plan.jobs() if j.stage.name == "sample"]
+    for job in samples:  # the official sampling precision per family
+        argv = cli_argv(job.args)
+        cfg = load_config(build_parser(argv[0]).parse_args(argv).config)
+        want = {"llamagen": "bf16", "var": "fp16"}[job.labels["family"]]
+        assert cfg["models"][job.labels["model"]]["sample"].get("precision") in (None, want)
+    assert {get_family(f).default_precision for f in ("llamagen", "var")} == {"bf16", "fp16"}
 
 
 def test_config_values_reach_every_job_typed():
@@ -180,12 +228,14 @@ def test_two_configfiles_are_merged_for_the_plan_and_every_job(tmp_path):
 def test_lambda_change_touches_only_downstream_jobs():
     cfg = load_config(ROOT / "config" / "config.yaml")
     before = {j.name: j for j in Plan(cfg, "c").jobs()}
-    cfg["models"]["llamagen_tiny"]["sweep"]["cca"] = [2.5]
+    cfg["models"]["llamagen_tiny"]["variants"]["cca"]["lam"] = 2.5
     after = {j.name: j for j in Plan(cfg, "c").jobs()}
     new = set(after) - set(before)
-    assert new and all("llamagen_tiny" in n and ("cca-2p5" in n or "cca_lam2p5" in n) for n in new)
+    assert new and all("llamagen_tiny" in n and "cca_lam2p5" in n for n in new)
     assert {after[n].stage.name for n in new} == {"finetune", "sample", "evaluate"}
     assert fmt(2.5) in after[sorted(new)[0]].output
+    gone = set(before) - set(after)  # λ 3 stays: fig4 and fig5 sweep it by value
+    assert not any("cca_lam3" in n for n in gone)
 
 
 def test_code_dependencies_are_the_stage_imports():

@@ -184,8 +184,30 @@ def _check_references(cfg: dict) -> str | None:
         for name, entry_ in cfg[section].items():
             if not family_exists(entry_["family"]):
                 return f"{section}.{name}.family: unknown model family {entry_['family']!r}"
-    tokenizers = cfg["tokenizers"]
-    for name, m in cfg["models"].items():
+    tokenizers, models = cfg["tokenizers"], cfg["models"]
+    for target, t in cfg["targets"].items():
+        for i, s in enumerate(t["sets"]):
+            if stray := sorted(set(s.get("models", [])) - set(t.get("models", models))):
+                return f"targets.{target}.sets.{i}.models: {stray} are not models of the target"
+        for model in t.get("models", models):
+            if model not in models:
+                return (
+                    f"targets.{target}.models: {model!r} is not one of the config's models {sorted(models)}"
+                )
+            m = models[model]
+            for i, s in enumerate(t["sets"]):
+                if model not in s.get("models", [model]):
+                    continue
+                named = s["variant"] if isinstance(s["variant"], str) else "base"
+                if named != "base" and named not in (m.get("variants") or {}):
+                    return f"targets.{target}.sets.{i}.variant: model {model!r} has no variant {named!r}"
+                if "cfg" in s["guidance"] and "cfg_scale" not in m:
+                    return f"targets.{target}.sets.{i}.guidance: 'cfg' but models.{model} has no cfg_scale"
+    for name, m in models.items():
+        for i, row in enumerate(m.get("paper") or []):
+            if row["variant"] != "base" and row["variant"] not in (m.get("variants") or {}):
+                return f"models.{name}.paper.{i}.variant: {row['variant']!r} is not a variant of the model"
+    for name, m in models.items():
         tok = m["tokenizer"]
         if tok not in tokenizers:
             return (

@@ -27,8 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from ccalign.align import OBJECTIVES
-from ccalign.config import REPO_ROOT, defaults, load_config, lookup, parse_value, read_yaml
+from ccalign.config import REPO_ROOT, ConfigError, defaults, load_config, lookup, parse_value, read_yaml
 
 PACKAGE = "ccalign"
 
@@ -83,6 +82,66 @@ class Job:
     @property
     def input_files(self) -> list[str]:
         return [p for v in self.inputs.values() for p in ([v] if isinstance(v, str) else v)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The base model, or one fine-tuning run: objective and λ, and β / uncond_ratio where they differ from
+    the model's finetune settings."""
+
+    objective: str  # "base" or one of ccalign.align.OBJECTIVES
+    lam: float | None = None
+    beta: float | None = None
+    uncond_ratio: float | None = None
+
+    @property
+    def name(self) -> str:
+        """As in paths: ``base``, ``cca_lam300``, ``cca_lam1_beta0.1``."""
+        if self.objective == "base":
+            return "base"
+        extra = "".join(
+            f"_{k}{fmt(v)}" for k, v in (("beta", self.beta), ("u", self.uncond_ratio)) if v is not None
+        )
+        return f"{self.objective}_lam{fmt(self.lam)}{extra}"
+
+    def labels(self) -> dict[str, str]:
+        fields = {"lambda": self.lam, "beta": self.beta, "uncond_ratio": self.uncond_ratio}
+        return {"objective": self.objective} | {k: fmt(v) for k, v in fields.items() if v is not None}
+
+
+BASE = Variant("base")
+
+
+def guidance_scale(cfg: dict, model: str, value: float | str) -> float:
+    """A guidance scale of a target or paper row: a number, "free" (the family's guidance-free scale) or
+    "cfg" (the model's published scale)."""
+    from ccalign.families import get_family  # facts only: no model code is imported
+
+    m = cfg["models"][model]
+    return float({"free": get_family(m["family"]).guidance_free, "cfg": m.get("cfg_scale")}.get(value, value))
+
+
+def target_sets(cfg: dict, target: str) -> list[tuple[str, Variant, float]]:
+    """(model, variant, guidance) of every sample set of ``target``, in the config's order, each once."""
+    t, out = cfg["targets"][target], []
+    for model in t.get("models", cfg["models"]):
+        named = cfg["models"][model].get("variants") or {}
+        for s in t["sets"]:
+            if model not in s.get("models", [model]):
+                continue
+            for variant in expand_variant(s["variant"], named):
+                out += [(model, variant, guidance_scale(cfg, model, g)) for g in s["guidance"]]
+    return list(dict.fromkeys(out))
+
+
+def expand_variant(spec: str | dict, named: dict[str, dict]) -> list[Variant]:
+    """A target's variant: "base", a name of the model's ``variants``, or a mapping whose ``lam`` may be a
+    list (one variant per λ)."""
+    if spec == "base":
+        return [BASE]
+    spec = dict(named[spec]) if isinstance(spec, str) else dict(spec)
+    lams = spec.pop("lam")
+    return [Variant(lam=float(lam), **spec) for lam in (lams if isinstance(lams, list) else [lams])]
 
 
 # -- stages -------------------------------------------------------------------------------------------------
@@ -274,12 +333,11 @@ class Plan:
             return self.weights_file(m["weights"])
         return m["checkpoint"] or self.path("pretrain", family=m["family"], model=model, seed=seed)
 
-    def model_ckpt(self, model: str, seed: int | str, variant: str) -> str:
-        if variant == "base":
+    def model_ckpt(self, model: str, seed: int | str, variant: Variant) -> str:
+        if variant.objective == "base":
             return self.base_ckpt(model, seed)
-        objective, lam = variant.split("_lam")
         family = self.cfg["models"][model]["family"]
-        return self.path("finetune", family=family, model=model, seed=seed, objective=objective, lam=lam)
+        return self.path("finetune", family=family, model=model, seed=seed, variant=variant.name)
 
     def reference(self) -> str:
         ref = self.cfg["evaluate"]["reference"]
@@ -288,18 +346,21 @@ class Plan:
         return f"{self.dataset_dir()}/val"
 
     # -- what the config asks for ---------------------------------------------------------------------------
-    def finetune_runs(self, model: str) -> list[tuple[str, float]]:
-        """(objective, λ) of every fine-tuning run of ``model``."""
-        sweep = self.cfg["models"][model].get("sweep") or {}
-        return [(objective, lam) for objective in OBJECTIVES for lam in sweep.get(objective, [])]
+    @property
+    def targets(self) -> list[str]:
+        return list(self.cfg["targets"])
 
-    def sample_points(self, model: str) -> list[tuple[str, float]]:
-        """(variant, guidance) of every sample set of ``model`` (one per training seed)."""
-        guidance = self.cfg["models"][model].get("guidance") or {}
-        points = [("base", g) for g in guidance.get("base", [])]
-        for objective, lam in self.finetune_runs(model):
-            points += [(f"{objective}_lam{fmt(lam)}", g) for g in guidance.get("finetuned", [])]
-        return points
+    def target_sets(self, target: str) -> list[tuple[str, Variant, float]]:
+        return target_sets(self.cfg, target)
+
+    def sample_points(self, model: str) -> list[tuple[Variant, float]]:
+        """(variant, guidance) of every sample set of ``model`` any target needs, each once."""
+        points = [(v, g) for t in self.targets for m, v, g in self.target_sets(t) if m == model]
+        return list(dict.fromkeys(points))
+
+    def finetune_runs(self, model: str) -> list[Variant]:
+        """Every fine-tuning run of ``model`` the sample sets need."""
+        return list(dict.fromkeys(v for v, _ in self.sample_points(model) if v.objective != "base"))
 
     # -- jobs -----------------------------------------------------------------------------------------------
     def resources(self, stage: str, model: str | None = None) -> dict[str, Any]:
@@ -349,6 +410,21 @@ class Plan:
             jobs = [job for spec in self.stages.values() for job in spec.jobs(self)]
             self._jobs = _dependency_order(jobs)
         return self._jobs
+
+    def needed(self, targets: Sequence[str]) -> list[Job]:
+        """The jobs ``targets`` need: their report jobs and every job those read from, in dependency order."""
+        unknown = sorted(set(targets) - set(self.targets))
+        if unknown:
+            raise ConfigError(f"unknown target(s) {unknown}; the config's targets: {self.targets}")
+        producer = {p: j for j in self.jobs() for p in j.outputs.values()}
+        todo = [self.find("report", {"target": t}) for t in targets]
+        keep: set[int] = set()
+        while todo:
+            job = todo.pop()
+            if id(job) not in keep:
+                keep.add(id(job))
+                todo += [producer[p] for p in job.input_files if p in producer]
+        return [j for j in self.jobs() if id(j) in keep]
 
     def find(self, stage: str, wildcards: dict) -> Job:
         """The job of ``stage`` whose wildcards match (Snakemake input functions call this)."""
@@ -414,7 +490,11 @@ def snakemake_plan(configfiles: Sequence[str], config_values: dict[str, Any]) ->
     "3"}``); every string is read again as YAML, so the job gets the value Snakemake planned with.
     """
     overrides = [f"{key}={_render(value)}" for key, value in _leaves(_typed(config_values))]
-    return Plan(load_config(configfiles, overrides), configfiles, overrides)
+    cfg = load_config(configfiles, overrides)
+    taken = sorted(set(cfg["targets"]) & {*stages(), "all", "paper"})
+    if taken:
+        raise ConfigError(f"{' + '.join(configfiles)}: targets {taken} are named like a rule; rename them")
+    return Plan(cfg, configfiles, overrides)
 
 
 def _typed(value: Any) -> Any:

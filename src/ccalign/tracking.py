@@ -303,15 +303,18 @@ def finish_invocation(cfg: dict, group: str, status: str) -> None:
         replay_pending(cfg)
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri(cfg))
-        exp = client.get_experiment_by_name(cfg.get("experiment", "ccalign"))
-        if exp is None:
-            return
-        query = f"tags.`ccalign.group` = '{group}' and tags.`ccalign.role` = 'invocation'"
-        for parent in client.search_runs([exp.experiment_id], filter_string=query):
-            client.set_terminated(parent.info.run_id, status)
+        _close_invocation(MlflowClient(tracking_uri=tracking_uri(cfg)), cfg, group, status)
     except Exception as e:  # noqa: BLE001 - tracking must never fail the pipeline
         log.warning("could not close the MLflow run of this invocation (%s: %s)", type(e).__name__, e)
+
+
+def _close_invocation(client, cfg: dict, group: str, status: str) -> None:
+    exp = client.get_experiment_by_name(cfg.get("experiment", "ccalign"))
+    if exp is None:
+        return
+    query = f"tags.`ccalign.group` = '{group}' and tags.`ccalign.role` = 'invocation'"
+    for parent in client.search_runs([exp.experiment_id], filter_string=query):
+        client.set_terminated(parent.info.run_id, status)
 
 
 def _log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -367,7 +370,7 @@ def replay_pending(cfg: dict) -> int:
     """
     pending = _pending_dir(cfg)
     _reclaim_stale(pending)
-    done = 0
+    done, groups, client = 0, set(), None
     for path in sorted(pending.glob("*.json")):
         claimed = path.with_name(f"{path.stem}.sending-{os.getpid()}@{socket.gethostname()}")
         try:
@@ -406,6 +409,12 @@ def replay_pending(cfg: dict) -> int:
             break
         claimed.unlink()
         done += 1
+        client = run.client
+        groups.add(rec["tags"].get("ccalign.group"))
+    # invocations that ended before their runs could be sent: their parent runs are done too
+    for group in groups - {None, os.environ.get("CCALIGN_RUN_GROUP")}:
+        with contextlib.suppress(Exception):
+            _close_invocation(client, cfg, group, "FINISHED")
     if done:
         log.info("sent %d buffered MLflow run(s)", done)
     return done

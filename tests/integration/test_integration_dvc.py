@@ -32,7 +32,7 @@ def test_push_wipe_pull_restores_every_output(smoke_run, tmp_path, artifacts_dir
     env = base_env()
     logs = artifacts_dir / "dvc"
     # dvc.yaml for the smoke config, generated from the same plan as the Snakefile.
-    gen = [str(VENV_BIN / "python"), "-m", "ccalign.workflow", "--dvc", "--config", SMOKE]
+    gen = [str(VENV_BIN / "ccalign"), "plan", "--dvc", "--config", SMOKE]
     dvc_yaml = subprocess.run(gen, cwd=ws, env=env, capture_output=True, text=True, check=True).stdout
     (ws / "dvc.yaml").write_text(dvc_yaml)
     git = ["git", "-c", "user.name=ccalign-test", "-c", "user.email=test@localhost"]

@@ -27,23 +27,32 @@ from ccalign.config import load_config
 
 pytestmark = pytest.mark.slow
 
-LINEAGE = ("ccalign.stage", "ccalign.config_hash", "ccalign.group", "git.commit", "snakemake.rule")
+LINEAGE = ("stage", "ccalign.config_hash", "ccalign.group", "git.commit", "mlflow.parentRunId")
 
 
 def smoke_experiment(ws: Path) -> str:
     return load_config(ws / SMOKE).get("experiment", "ccalign")
 
 
-def job_key(run: dict) -> tuple[str, str]:
-    return run["tags"]["snakemake.rule"], run["tags"].get("snakemake.wildcards", "")
+def job_key(run: dict) -> str:
+    return run["info"]["run_name"]  # "sample · llamagen_tiny · cca λ=1 · g=1 · seed 0": one per job
+
+
+def children(runs: list[dict]) -> list[dict]:
+    """The job runs (the invocation's own parent run left out)."""
+    return [r for r in runs if r["tags"].get("ccalign.role") != "invocation"]
 
 
 def test_every_stage_is_one_finished_run_with_lineage(smoke_run):
     uri, ws = smoke_run.server.uri, smoke_run.ws
-    runs = search_runs(uri, experiment_id(uri, smoke_experiment(ws)))
+    everything = search_runs(uri, experiment_id(uri, smoke_experiment(ws)))
+    (parent,) = [r for r in everything if r["tags"].get("ccalign.role") == "invocation"]
+    assert parent["info"]["status"] == "FINISHED"
+    runs = children(everything)
+    assert {r["tags"]["mlflow.parentRunId"] for r in runs} == {parent["info"]["run_id"]}
     n_jobs = sum(job_counts(smoke_run.log).values())
     assert len(runs) == n_jobs, f"{len(runs)} runs for {n_jobs} jobs"
-    assert len({job_key(r) for r in runs}) == n_jobs  # one run per (rule, wildcards)
+    assert len({job_key(r) for r in runs}) == n_jobs  # one run per job, named after it
     assert {r["info"]["status"] for r in runs} == {"FINISHED"}
     for r in runs:
         missing = [t for t in LINEAGE if not r["tags"].get(t)]
@@ -59,11 +68,11 @@ def test_metrics_and_artifacts_match_the_files(smoke_run):
     summary = read_summary(ws)
 
     # Every evaluated sample set's FID is a metric of one evaluate run.
-    fids = sorted(r["metrics"]["fid"] for r in runs if r["tags"]["ccalign.stage"] == "evaluate")
+    fids = sorted(r["metrics"]["fid"] for r in runs if r["tags"].get("stage") == "evaluate")
     assert fids == pytest.approx(sorted(float(row["fid"]) for row in summary), rel=1e-6)
 
     # The report run holds summary.csv, byte for byte, downloadable through the server.
-    (report,) = [r for r in runs if r["tags"]["ccalign.stage"] == "report"]
+    (report,) = [r for r in runs if r["tags"].get("stage") == "report"]
     files = list_artifacts(uri, report["info"]["run_id"])
     csv_path = next(f for f in files if f.endswith("summary.csv"))
     local = ws / load_config(ws / SMOKE)["data_root"] / "report" / "summary.csv"
@@ -97,7 +106,7 @@ def test_server_outage_mid_run_loses_no_records(mlflow_server_factory, tmp_path,
     server.start()
     run(cmd + ["--forcerun", "report"], ws, env, artifacts_dir / "smoke_outage_replay.log")
     assert not list((ws / data_root / "mlflow" / "pending").glob("*.json"))
-    runs = search_runs(server.uri, experiment_id(server.uri, exp_name))
+    runs = children(search_runs(server.uri, experiment_id(server.uri, exp_name)))
     finished = {job_key(r) for r in runs if r["info"]["status"] == "FINISHED"}
     assert len(finished) == n_jobs, f"{len(finished)} of {n_jobs} jobs have a finished run"
     assert sum(r["tags"].get("ccalign.replayed") == "true" for r in runs) >= len(pending)

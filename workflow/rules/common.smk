@@ -26,10 +26,9 @@ GROUP = os.environ.setdefault("CCALIGN_RUN_GROUP", uuid.uuid4().hex[:12])
 wildcard_constraints:
     family=r"[a-z][a-z0-9_]*",
     seed=r"\d+",
-    objective="cca|dpo|unlearning",
-    lam=r"[0-9.e+-]+",
     guidance=r"-?[0-9.e+-]+",
-    variant=r"base|(cca|dpo|unlearning)_lam[0-9.e+-]+",
+    variant=r"base|(cca|dpo|unlearning)_lam[0-9.e+-]+(_beta[0-9.e+-]+)?(_u[0-9.e+-]+)?",
+    target=r"[A-Za-z0-9_-]+",
 
 
 def data(path):

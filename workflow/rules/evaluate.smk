@@ -32,6 +32,7 @@ rule evaluate:
         reference=get("evaluate", "reference"),
         data=get("evaluate", "data"),
         classifier=get("evaluate", "classifier"),
+        inception=get("evaluate", "inception"),
     output:
         metrics=data("eval/{family}/{model}/seed{seed}/{variant}/g{guidance}/metrics.json"),
         record=data("eval/{family}/{model}/seed{seed}/{variant}/g{guidance}/metrics.json.job.json"),

@@ -34,17 +34,17 @@ rule finetune:
         tokenizer=get("finetune", "tokenizer"),
         cache=get("finetune", "cache"),
     output:
-        model=data("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.pt"),
-        args=data("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.args.json"),
-        record=data("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.pt.job.json"),
+        model=data("finetune/{family}/{model}/seed{seed}/{variant}/model.pt"),
+        args=data("finetune/{family}/{model}/seed{seed}/{variant}/model.args.json"),
+        record=data("finetune/{family}/{model}/seed{seed}/{variant}/model.pt.job.json"),
     params:
         command=command("finetune"),
         settings=settings("finetune"),
         code=code("finetune"),
     log:
-        logs("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}.log"),
+        logs("finetune/{family}/{model}/seed{seed}/{variant}.log"),
     benchmark:
-        benchmarks("finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}.tsv")
+        benchmarks("finetune/{family}/{model}/seed{seed}/{variant}.tsv")
     conda:
         "../envs/ccalign.yaml"
     threads: threads("finetune")

@@ -1,30 +1,31 @@
-# Results table, FID–IS plot and sample grids.
+# One page per target (a table or figure of the paper), and a rule per target: `snakemake table3`.
 
 
 rule report:
-    """summary.csv / summary.md, the FID–IS plot and upscaled sample grids; sends buffered MLflow runs."""
+    """A target's tables beside the paper's numbers, its FID–IS figure and upscaled sample grids."""
     input:
         metrics=get("report", "metrics"),
         grids=get("report", "grids"),
     output:
-        summary=report(data("report/summary.csv"), caption="../report/summary.rst", category="Results"),
-        table=data("report/summary.md"),
-        plot=report(data("report/fid_is.png"), caption="../report/fid_is.rst", category="Results"),
+        summary=report(data("report/{target}/summary.csv"), caption="../report/summary.rst", category="{target}"),
+        table=data("report/{target}/summary.md"),
+        page=data("report/{target}/summary.html"),
+        plot=report(data("report/{target}/fid_is.png"), caption="../report/fid_is.rst", category="{target}"),
         grids=report(
-            directory(data("report/grids")),
-            patterns=["{family}/{model}/{name}.png"],
+            directory(data("report/{target}/grids")),
+            patterns=["{model}/{name}.png"],
             caption="../report/grids.rst",
-            category="Sample grids",
+            category="{target}",
         ),
-        record=data("report/summary.csv.job.json"),
+        record=data("report/{target}/summary.csv.job.json"),
     params:
         command=command("report"),
         settings=settings("report"),
         code=code("report"),
     log:
-        logs("report.log"),
+        logs("report/{target}.log"),
     benchmark:
-        benchmarks("report.tsv")
+        benchmarks("report/{target}.tsv")
     conda:
         "../envs/ccalign.yaml"
     threads: threads("report")
@@ -32,3 +33,12 @@ rule report:
         **resources("report"),
     shell:
         "OMP_NUM_THREADS={threads} {params.command} > {log} 2>&1"
+
+
+for name in PLAN.targets:  # `snakemake <target>` makes one table or figure, and only what it needs
+
+    rule:
+        name:
+            name
+        input:
+            data(f"report/{name}/summary.csv"),

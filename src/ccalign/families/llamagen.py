@@ -2,20 +2,21 @@
 (``ccalign.tokenizers.llamagen_vq``).
 
 Guidance is LlamaGen's ``cfg_scale``: ``logits = uncond + s · (cond − uncond)``, so s = 1 is guidance-free.
-Codes are the raster-order grid, (B, T) with T = block_size.
+Codes are the raster-order grid, (B, T) with T = block_size. The family's facts (class attributes) cost no
+import; the model code is imported by the methods that use it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-from ccalign.models.checkpoint import checkpoint_args, load_weights, save_weights
-from ccalign.models.llamagen import CACHE_KEY_SUFFIXES, ModelArgs, Transformer
-from ccalign.tokenizers.llamagen_vq import VQArgs, VQModel
+    from ccalign.models.llamagen import Transformer
+    from ccalign.tokenizers.llamagen_vq import VQModel
 
 
 class LlamaGenFamily:
@@ -29,27 +30,43 @@ class LlamaGenFamily:
 
     # -- models and tokenizers
     def build_model(self, args: dict) -> Transformer:
+        from ccalign.models.llamagen import ModelArgs, Transformer
+
         return Transformer(ModelArgs.from_dict(args))
 
     def load_model(self, path: str | os.PathLike, args: dict | None = None) -> Transformer:
         """Strict load from any official layout, in eval mode (call ``.train()`` to fine-tune)."""
+        from ccalign.models.checkpoint import checkpoint_args, load_weights
+        from ccalign.models.llamagen import CACHE_KEY_SUFFIXES, ModelArgs, Transformer
+
         model = Transformer(checkpoint_args(ModelArgs, path, args))
         return load_weights(model, path, ignore=CACHE_KEY_SUFFIXES).eval()
 
     def save_model(self, model: Transformer, path: str | os.PathLike) -> None:
+        from ccalign.models.checkpoint import save_weights
+
         save_weights({"model": model.state_dict()}, path, model.config.to_dict())  # what the samplers read
 
     def build_tokenizer(self, args: dict) -> VQModel:
+        from ccalign.tokenizers.llamagen_vq import VQArgs, VQModel
+
         return VQModel(VQArgs.from_dict(args))
 
     def load_tokenizer(self, path: str | os.PathLike, args: dict | None = None) -> VQModel:
+        from ccalign.models.checkpoint import checkpoint_args, load_weights
+        from ccalign.tokenizers.llamagen_vq import VQArgs, VQModel
+
         return load_weights(VQModel(checkpoint_args(VQArgs, path, args)), path).eval()
 
     def save_tokenizer(self, tokenizer: VQModel, path: str | os.PathLike) -> None:
+        from ccalign.models.checkpoint import save_weights
+
         save_weights({"model": tokenizer.state_dict()}, path, tokenizer.args.to_dict())
 
     def tokenizer_loss(self, tokenizer: VQModel, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Pixel MSE + codebook + commitment (+ entropy) loss, for training tiny tokenizers."""
+        import torch.nn.functional as F
+
         recon, _, losses = tokenizer(images)
         rec = F.mse_loss(recon, images)
         loss = rec + sum(losses.values())
@@ -67,6 +84,8 @@ class LlamaGenFamily:
 
     def to_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """CCA's sampler: clamp(127.5 · x + 128, 0, 255), truncated to uint8, channels last."""
+        import torch
+
         return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
     # -- the model on codes

@@ -2,27 +2,22 @@
 (``ccalign.tokenizers.var_vqvae``).
 
 Guidance is VAR's ``cfg``, ramped linearly over scales; cfg = 0 is guidance-free. Codes are flat (B, L), the
-scales concatenated coarsest first (L = Σ pn², 680 at 256 px).
+scales concatenated coarsest first (L = Σ pn², 680 at 256 px). The family's facts (class attributes) cost
+no import; the model code is imported by the methods that use it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
-from ccalign.io import load_torch
-from ccalign.models.checkpoint import (
-    checkpoint_args,
-    load_state_dict_strict,
-    load_weights,
-    save_weights,
-    unwrap_state_dict,
-)
-from ccalign.models.var import VAR, VARConfig
-from ccalign.tokenizers.var_vqvae import VQVAE, VQVAEConfig, tokenizer_loss
+    from ccalign.models.var import VAR
+    from ccalign.tokenizers.var_vqvae import VQVAE
 
 
 class VARFamily:
@@ -53,23 +48,36 @@ class VARFamily:
 
     # -- models and tokenizers
     def build_model(self, args: dict) -> VAR:
+        from ccalign.models.var import VAR, VARConfig
+
         return VAR(VARConfig.from_dict(args))
 
     def load_model(self, path: str | os.PathLike, args: dict | None = None) -> VAR:
+        from ccalign.models.checkpoint import checkpoint_args, load_weights
+        from ccalign.models.var import VAR, VARConfig
+
         model = VAR(checkpoint_args(VARConfig, path, args))
         return load_weights(model, path, inner="var_wo_ddp").eval()
 
     def save_model(self, model: VAR, path: str | os.PathLike) -> None:
         """A raw state dict, like the released var_d*.pth; the arguments go beside it."""
+        from ccalign.models.checkpoint import save_weights
+
         save_weights({k: v.detach().cpu() for k, v in model.state_dict().items()}, path, model.cfg.to_dict())
 
     def build_tokenizer(self, args: dict) -> VQVAE:
+        from ccalign.tokenizers.var_vqvae import VQVAE, VQVAEConfig
+
         return VQVAE(VQVAEConfig.from_dict(args))
 
     def load_tokenizer(self, path: str | os.PathLike, args: dict | None = None) -> VQVAE:
         """Strict load into eval mode with frozen parameters. As in the official loader, a stored
         `quantize.ema_vocab_hit_SV` (usage statistics, unused by any forward) with another scale count
         is ignored."""
+        from ccalign.io import load_torch
+        from ccalign.models.checkpoint import checkpoint_args, load_state_dict_strict, unwrap_state_dict
+        from ccalign.tokenizers.var_vqvae import VQVAE, VQVAEConfig
+
         tokenizer = VQVAE(checkpoint_args(VQVAEConfig, path, args))
         sd = dict(unwrap_state_dict(load_torch(path), path, "vae_local"))
         own = tokenizer.quantize.ema_vocab_hit_SV
@@ -80,14 +88,20 @@ class VARFamily:
         return tokenizer.eval().requires_grad_(False)
 
     def save_tokenizer(self, tokenizer: VQVAE, path: str | os.PathLike) -> None:
+        from ccalign.models.checkpoint import save_weights
+
         state = {k: v.detach().cpu() for k, v in tokenizer.state_dict().items()}
         save_weights(state, path, tokenizer.cfg.to_dict())
 
     def tokenizer_loss(self, tokenizer: VQVAE, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+        from ccalign.tokenizers.var_vqvae import tokenizer_loss
+
         return tokenizer_loss(tokenizer, images)
 
     # -- codes
     def encode(self, tokenizer: VQVAE, images: Tensor) -> Tensor:
+        import torch
+
         return torch.cat(tokenizer.encode(images), dim=1)  # (B, L)
 
     def decode(self, tokenizer: VQVAE, codes: Tensor) -> Tensor:
@@ -109,6 +123,8 @@ class VARFamily:
 
     def logits(self, model: VAR, tokenizer: VQVAE, labels: Tensor, codes: Tensor) -> Tensor:
         """Teacher-forcing logits (B, L, V); logits[:, t] predicts codes[:, t]."""
+        import torch
+
         model.check_tokenizer(tokenizer)
         with torch.no_grad():
             x = tokenizer.codes_to_var_input(tokenizer.split_codes(codes))
@@ -130,6 +146,8 @@ class VARFamily:
             raise ValueError(
                 f"unknown VAR sampling options {unknown}; known: {sorted(self.default_sampling)}"
             )
+        import torch
+
         opts = {**self.default_sampling, **sampling}
         codes, _ = model.generate(tokenizer, labels, generator=generator, cfg=guidance, **opts)
         return torch.cat(codes, dim=1)

@@ -86,7 +86,7 @@ def evaluate(
 ) -> dict[str, float]:
     """All metrics of ``samples`` against ``reference``.
 
-    settings: batch_size, is_splits, prc_k, prc_batch_size. ``labels`` (N,) adds class accuracy.
+    settings: batch_size, is_split_size, prc_k, prc_batch_size. ``labels`` (N,) adds class accuracy.
     ``use_stored_stats``: take the reference's stored statistics (Inception features only).
     """
     if samples.image_size != reference.image_size:
@@ -125,7 +125,7 @@ def evaluate(
                 metrics[name],
                 "stored" if feat in stored else "computed",
             )
-    metrics["is"], metrics["is_std"] = inception_score(fake["logits"], settings["is_splits"])
+    metrics["is"], metrics["is_std"] = inception_score(fake["logits"], settings["is_split_size"])
     metrics["precision"], metrics["recall"] = precision_recall(
         real["pool"], fake["pool"], k=settings["prc_k"], batch_size=settings["prc_batch_size"], device=device
     )

@@ -22,21 +22,17 @@ def jobs(plan: Plan) -> Iterator[Job]:
     ref = plan.reference()
     # the dataset's own val folder is a product of prepare-data (if any); anything else is an input file
     ref_inputs = plan.dataset_inputs() if ref.startswith(plan.dataset_dir()) else {"reference": ref}
-    classifier = []
-    if plan.cfg["evaluate"]["extractor"] == "domain":
-        classifier = ["--classifier", plan.path("train_classifier", dataset=plan.cfg["dataset"]["name"])]
-        ref_inputs = {**ref_inputs, "classifier": classifier[1]}
+    ev, extractor = plan.cfg["evaluate"], []
+    if ev["extractor"] == "domain":
+        extractor = ["--classifier", plan.path("train_classifier", dataset=plan.cfg["dataset"]["name"])]
+        ref_inputs = {**ref_inputs, "classifier": extractor[1]}
+    elif ev["inception_weights"] in plan.manifest:  # fetched: a product of the fetch stage
+        extractor = ["--inception-weights", plan.weights_file(ev["inception_weights"])]
+        ref_inputs = {**ref_inputs, "inception": extractor[1]}
     for wildcards, labels, _ in points(plan):
         samples = plan.path("sample", **wildcards)
-        flags = [
-            "--samples",
-            samples,
-            "--reference",
-            ref,
-            *classifier,
-            "--out",
-            plan.path("evaluate", **wildcards),
-        ]
+        flags = ["--samples", samples, "--reference", ref, *extractor]
+        flags += ["--out", plan.path("evaluate", **wildcards)]
         model = wildcards["model"]
         yield plan.job("evaluate", wildcards, labels, {"samples": samples, **ref_inputs}, flags, model=model)
 
@@ -84,7 +80,7 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
 
     log = get_logger("evaluate")
     ecfg = cfg["evaluate"]
-    settings = {k: ecfg[k] for k in ("batch_size", "device", "is_splits", "prc_k", "prc_batch_size")}
+    settings = {k: ecfg[k] for k in ("batch_size", "device", "is_split_size", "prc_k", "prc_batch_size")}
     extractor = args.extractor or ecfg["extractor"]
     reference_path = args.reference or ecfg["reference"]
     if reference_path is None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from ccalign.pipeline import OBJECTIVES, Job, Plan, Stage, fmt
+from ccalign.align import OBJECTIVES
+from ccalign.pipeline import Job, Plan, Stage, fmt
 from ccalign.train import stage as training
 
 HELP = "fine-tune a base model with CCA / DPO / unlearning (torchrun DDP or FSDP; resumable)"
@@ -22,13 +23,16 @@ def jobs(plan: Plan) -> Iterator[Job]:
         cache = plan.cache_manifest(m["tokenizer"])
         for seed in plan.cfg["seeds"]:
             base = plan.base_ckpt(model, seed)
-            for objective, lam in plan.finetune_runs(model):
-                wildcards = {"family": m["family"], "model": model, "seed": seed}
-                wildcards |= {"objective": objective, "lam": fmt(lam)}
-                labels = {"family": m["family"], "model": model, "seed": seed}
-                labels |= {"objective": objective, "lambda": fmt(lam)}
+            for variant in plan.finetune_runs(model):
+                wildcards = {"family": m["family"], "model": model, "seed": seed, "variant": variant.name}
+                labels = {"family": m["family"], "model": model, "seed": seed, **variant.labels()}
                 out = plan.path("finetune", **wildcards)
-                flags = ["--model", model, "--seed", str(seed), "--objective", objective, "--lam", fmt(lam)]
+                flags = ["--model", model, "--seed", str(seed), "--objective", variant.objective]
+                flags += ["--lam", fmt(variant.lam)]
+                flags += ["--beta", fmt(variant.beta)] if variant.beta is not None else []
+                flags += (
+                    ["--uncond-ratio", fmt(variant.uncond_ratio)] if variant.uncond_ratio is not None else []
+                )
                 flags += ["--base", base, "--tokenizer", tokenizer, "--cache", cache.rpartition("/")[0]]
                 flags += ["--out", out]
                 inputs = {"base": base, "tokenizer": tokenizer, "cache": cache}
@@ -39,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_arguments(parser, seed_help="run seed (data order, uncond masks, dropout)")
     parser.add_argument("--objective", required=True, choices=OBJECTIVES, help="alignment objective")
     parser.add_argument("--lam", type=float, required=True, metavar="FLOAT", help="λ (ignored by dpo)")
+    parser.add_argument("--beta", type=float, metavar="FLOAT", help="β (default: finetune.beta)")
+    parser.add_argument(
+        "--uncond-ratio", type=float, metavar="FLOAT", help="uncond_ratio (default: finetune.uncond_ratio)"
+    )
     parser.add_argument(
         "--base", required=True, metavar="PATH", help="base model checkpoint (any official layout)"
     )
@@ -56,6 +64,9 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         out=args.out,
         objective=args.objective,
         lam=args.lam,
+        overrides={
+            k: v for k, v in (("beta", args.beta), ("uncond_ratio", args.uncond_ratio)) if v is not None
+        },
         base=args.base,
     )
 
@@ -64,8 +75,8 @@ SPEC = Stage(
     name="finetune",
     help=HELP,
     outputs={
-        "model": "finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.pt",
-        "args": "finetune/{family}/{model}/seed{seed}/{objective}_lam{lam}/model.args.json",
+        "model": "finetune/{family}/{model}/seed{seed}/{variant}/model.pt",
+        "args": "finetune/{family}/{model}/seed{seed}/{variant}/model.args.json",
     },
     jobs=jobs,
     add_arguments=add_arguments,

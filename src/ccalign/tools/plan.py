@@ -1,18 +1,40 @@
-"""``ccalign plan``: the jobs a config asks for (what Snakemake and DVC run), or the ``dvc.yaml`` for it."""
+"""``ccalign plan [TARGET ...]``: the jobs a config (or some of its targets) needs, as Snakemake and DVC run
+them; with ``--cost`` the jobs and GPU-hours per stage; with ``--dvc`` the ``dvc.yaml`` of the config."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-HELP = "list the jobs a config asks for, or write its dvc.yaml (--dvc)"
+HELP = "list the jobs a config or target needs (--cost: GPU-hours per stage; --dvc: write its dvc.yaml)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ccalign.cli import add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--dvc", action="store_true", help="print dvc.yaml for the config instead")
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help="targets of the config (default: all)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--cost", action="store_true", help="jobs and GPU-hours per stage (measured throughputs)"
+    )
+    what.add_argument("--dvc", action="store_true", help="print dvc.yaml for the config")
+
+
+def cost_table(plan, jobs) -> str:
+    from ccalign.cost import gpu_hours
+
+    rows = gpu_hours(plan, jobs)
+    lines = ["| stage | jobs | GPU-hours | unmeasured jobs | measured on |", "|---|---:|---:|---:|---|"]
+    total = 0.0
+    for stage, r in rows.items():
+        total += r["gpu_hours"]
+        hours = f"{r['gpu_hours']:.1f}" if r["gpu_hours"] else "–"
+        unmeasured, devices = r["unmeasured"] or "", ", ".join(sorted(r["devices"]))
+        lines.append(f"| {stage} | {r['jobs']} | {hours} | {unmeasured} | {devices} |")
+    unmeasured = sum(r["unmeasured"] for r in rows.values())
+    lines.append(f"| total | {len(jobs)} | {total:.1f} | {unmeasured or ''} | |")
+    return "\n".join(lines) + "\n"
 
 
 def main(args: argparse.Namespace) -> None:
@@ -30,5 +52,9 @@ def main(args: argparse.Namespace) -> None:
         )
         yaml.safe_dump(dvc_yaml(plan), sys.stdout, sort_keys=False, width=200)
         return
-    for job in plan.jobs():
+    jobs = plan.needed(args.targets or plan.targets)
+    if args.cost:
+        sys.stdout.write(cost_table(plan, jobs))
+        return
+    for job in jobs:
         print(f"{job.name}: {join_args(job.args)}")

@@ -41,9 +41,11 @@ def run_stage(
     out: str,
     objective: str,
     lam: float | None = None,
+    overrides: dict | None = None,
     base: str | None = None,
 ) -> TrainResult:
-    """Train ``cfg.models[model_name]`` with its resolved ``stage`` settings; ``base`` = fine-tune from it.
+    """Train ``cfg.models[model_name]`` with its resolved ``stage`` settings (``overrides`` on top: the run's
+    own β / uncond_ratio); ``base`` = fine-tune from it.
 
     Without ``base`` the model is built fresh (seeded by ``seed``); with it, the policy and the frozen
     reference are both loaded from ``base``.
@@ -63,7 +65,9 @@ def run_stage(
 
     mcfg = entry(cfg, "models", model_name)
     family = get_family(mcfg["family"])
-    settings = TrainSettings.create(objective, 1.0 if lam is None else lam, **mcfg[stage])
+    settings = TrainSettings.create(
+        objective, 1.0 if lam is None else lam, **{**mcfg[stage], **(overrides or {})}
+    )
     model_args = {**mcfg["args"], **settings.model_args}
     tokenizer_args = cfg["tokenizers"][mcfg["tokenizer"]]["args"]
 
