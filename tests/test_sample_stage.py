@@ -267,6 +267,22 @@ def test_two_processes_with_batch_3_match_one_process_with_batch_4(setup, refere
     assert np.array_equal(arr, reference["arrays"][0]) and np.array_equal(labels, reference["arrays"][1])
 
 
+def test_batch_size_auto_picks_a_batch_on_cpu_and_gives_the_same_samples(
+    setup, reference, tmp_path, monkeypatch
+):
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg["sample"]["batch_size"] = "auto"
+    out = tmp_path / "samples.npz"
+    chosen, auto = [], sample_run.auto_batch_size
+    monkeypatch.setattr(
+        sample_run, "auto_batch_size", lambda *a, **k: chosen.append(auto(*a, **k)) or chosen[-1]
+    )
+    run_inproc(cfg, argv(setup, out), monkeypatch)
+    assert chosen == [3]  # once per job; one batch per shard of 3
+    arr, labels = load(out)
+    assert np.array_equal(arr, reference["arrays"][0]) and np.array_equal(labels, reference["arrays"][1])
+
+
 def test_resume_after_sigkill_equals_uninterrupted_run(setup, reference, tmp_path, monkeypatch):
     out = tmp_path / "samples.npz"
     shard_dir = tmp_path / "samples.shards"

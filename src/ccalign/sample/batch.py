@@ -2,8 +2,8 @@
 
 "auto" sizes the batch from the device's free memory and the model's own estimate of what one sampled image
 needs (``model.sampling_bytes_per_row``: KV cache and sampling workspace), then splits each shard into as few
-batches as that allows, evenly, rounded up to a multiple of ``GRAPH_MULTIPLE``: every batch of the job then
-has the one shape the decode graphs are captured for (the last batch of a shard is padded to it).
+batches as that allows, of equal size: every batch of the job has the one shape the decode graphs are
+captured for (a shorter last batch is padded to it), with as little padding as possible.
 """
 
 from __future__ import annotations
@@ -19,18 +19,13 @@ AUTO_CAP = 1024  # rows; a decode step is compute-bound well before this on any 
 CPU_AUTO = 64  # CPU: throughput stops growing around here and memory is rarely the limit
 MEMORY_FRACTION = 0.9  # of the free device memory, after DECODE_RESERVE
 DECODE_RESERVE = 4 * 2**30  # bytes kept for the image decoder (fixed decode batches) and the allocator
-GRAPH_MULTIPLE = 8
 
 
 def fit_batch(budget_rows: int, shard_size: int) -> int:
     """The batch for shards of ``shard_size`` samples when at most ``budget_rows`` fit (at least 1, at most
-    AUTO_CAP): as few batches per shard as possible, of equal size, rounded up to a multiple of
-    GRAPH_MULTIPLE where that still fits."""
+    AUTO_CAP): as few batches per shard as possible, of equal size (the last one padded)."""
     budget = max(1, min(budget_rows, AUTO_CAP))
-    per_shard = math.ceil(shard_size / budget)
-    batch = math.ceil(shard_size / per_shard)
-    rounded = math.ceil(batch / GRAPH_MULTIPLE) * GRAPH_MULTIPLE
-    return rounded if rounded <= budget else batch
+    return math.ceil(shard_size / math.ceil(shard_size / budget))
 
 
 def free_memory(device: torch.device) -> int:
