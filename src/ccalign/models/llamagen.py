@@ -502,11 +502,12 @@ class FastDecoder:
     top-k / top-p, categorical draw, write of the token, position + 1) is a function of those buffers only,
     without host synchronisation, so ``StepRunner`` can capture it as a CUDA graph.
 
-    Step t attends to the first kv_len(t) cache slots: exactly t + 1 when run eagerly; on GPU t + 1 rounded
-    up to a multiple of ``ATTN_BLOCK`` (one graph per block count; the causal mask hides the unwritten
-    slots), or all slots under torch.compile (one compiled graph).
+    Step t attends to the first kv_len(t) cache slots: t + 1 rounded up to a multiple of ``EAGER_BLOCK``
+    when run eagerly (exactly the written prefix), of ``ATTN_BLOCK`` when captured (one graph per block
+    count; the causal mask hides the unwritten slots), all slots under torch.compile (one compiled graph).
     """
 
+    EAGER_BLOCK = 1
     ATTN_BLOCK = 64
 
     def __init__(self, model: Transformer, key: tuple):
@@ -517,7 +518,9 @@ class FastDecoder:
         self.cache0 = model.layers[0].attention.kv_cache.k_cache  # graphs hold the caches' addresses
         self.length = len(self.cache0[0, 0])
         self.runner = StepRunner(device, mode)
-        self.block = 1 if not self.runner.capture else self.length if mode == "compile" else self.ATTN_BLOCK
+        self.block = self.ATTN_BLOCK if self.runner.capture else self.EAGER_BLOCK
+        if self.runner.compile:
+            self.block = self.length
         self.guided, self.cfg_scale = guided, cfg_scale
         self.filters = (temperature, top_k, top_p)
         self.labels = torch.zeros(rows, dtype=torch.long, device=device)

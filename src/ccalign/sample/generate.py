@@ -121,19 +121,26 @@ class Sampler:
         self.device = torch.device(device)
         dtype = PRECISIONS[spec.precision]
         self.autocast = None if family.name in CASTS_WEIGHTS else dtype
-        if family.name in CASTS_WEIGHTS and dtype is not None:
-            model.to(dtype)
+        if family.name in CASTS_WEIGHTS:
+            model.to(dtype or torch.float32)
         self.decode = decode if spec.sampling.get("kv_cache", True) else "reference"  # fast needs the cache
 
     @torch.no_grad()
     def __call__(self, indices: Sequence[int], rows: int | None = None) -> np.ndarray:
+        with self.precision():
+            codes = self.codes(indices, rows)  # (n, T)
+            images = decode_fixed_batches(
+                self.family, self.tokenizer, codes, self.spec.decode_batch
+            )  # [-1, 1]
+        return to_uint8(self.spec.family, images, self.spec.resize_to)
+
+    @torch.no_grad()
+    def codes(self, indices: Sequence[int], rows: int | None = None) -> torch.Tensor:
+        """The token codes (n, T) of samples ``indices`` (the generation half of a call)."""
         spec, n = self.spec, len(indices)
         indices = list(indices) + [indices[0]] * max(0, (rows or n) - n)
         labels = torch.tensor([i // spec.per_class for i in indices], device=self.device)  # (B,)
-        # autocast's weight cache cannot live across CUDA graph captures; without it the numerics are the same
-        with torch.autocast(
-            self.device.type, dtype=self.autocast, enabled=self.autocast is not None, cache_enabled=False
-        ):
+        with self.precision():
             codes = self.family.generate(
                 self.model,
                 self.tokenizer,
@@ -142,9 +149,14 @@ class Sampler:
                 sampling=dict(spec.sampling),
                 generator=sample_noise(spec.seed, indices, self.device),
                 decode=self.decode,
-            )[:n]  # (n, T)
-            images = decode_fixed_batches(self.family, self.tokenizer, codes, spec.decode_batch)  # [-1, 1]
-        return to_uint8(spec.family, images, spec.resize_to)
+            )
+        return codes[:n]
+
+    def precision(self) -> torch.autocast:
+        """The family's autocast context (disabled where the weights were cast instead). Its weight cache
+        cannot live across CUDA graph captures; without it the numerics are the same."""
+        dtype = self.autocast
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
 
 
 def generate_batch(
