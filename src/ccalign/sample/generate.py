@@ -112,7 +112,7 @@ class Sampler:
 
     ``sampler(indices, rows)`` -> pixels (B, H, W, 3) uint8 of samples ``indices``; with ``rows``, the batch
     is padded to that many rows (copies of its first sample, dropped) so that every batch has the shape
-    the graphs were captured for.
+    the graphs were captured for (``captures``: whether this sampler's decode path captures any).
     """
 
     def __init__(self, family, model, tokenizer, spec: SampleSpec, device, decode: str = DECODE):
@@ -124,6 +124,7 @@ class Sampler:
         if family.name in CASTS_WEIGHTS:
             model.to(dtype or torch.float32)
         self.decode = decode if spec.sampling.get("kv_cache", True) else "reference"  # fast needs the cache
+        self.captures = self.device.type == "cuda" and self.decode in ("graph", "compile")
 
     @torch.no_grad()
     def __call__(self, indices: Sequence[int], rows: int | None = None) -> np.ndarray:

@@ -40,17 +40,21 @@ def fill_shards(
 ) -> int:
     """Generate every shard of ``shards`` not already valid on disk; returns how many images it made.
 
-    batch_size: images per generate call, or "auto" (``auto_batch_size``). Every batch is padded to that
-    size, so the decode path's buffers and graphs are made once per job.
+    batch_size: images per generate call (at most a shard), or "auto" (``auto_batch_size``). Where the decode
+    path captures CUDA graphs, every batch is padded to that size, so its buffers and graphs are made once
+    per job.
     """
     todo = pending_shards(shard_dir, shards, spec)
     log.info("%d of %d shards to generate in %s", len(todo), len(shards), shard_dir)
     if not todo:
         return 0
     sampler = Sampler(family, model, tokenizer, spec, device, decode)
+    largest = max(s.stop - s.start for s in todo)
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, spec, device, max(s.stop - s.start for s in todo))
+        batch_size = auto_batch_size(model, spec, device, largest)
         log.info("batch_size auto: %d images per batch on %s", batch_size, device)
+    batch_size = min(batch_size, largest)
+    rows = batch_size if sampler.captures else None
     fingerprint = spec.fingerprint()
     total = sum(s.stop - s.start for s in todo)
     bar = progress(total=total, desc="sampling", unit="img")
@@ -58,7 +62,7 @@ def fill_shards(
         batches = []
         for start in range(shard.start, shard.stop, batch_size):
             indices = range(start, min(start + batch_size, shard.stop))
-            batches.append(sampler(indices, rows=batch_size))
+            batches.append(sampler(indices, rows))
             bar.update(len(indices))
         labels = spec.labels(shard.start, shard.stop)
         write_shard(shard_dir, shard, np.concatenate(batches), labels, fingerprint)
