@@ -1,11 +1,12 @@
 """Sample-stage throughput: guidance-free vs CFG, our deterministic sharded path vs the official-style loop.
 
 "stage" runs ``ccalign sample`` in-process (MLflow off) on randomly initialised checkpoints: per-sample
-generators, decoder batches of a fixed size, atomic shards with checksums, the streamed merge into
-samples.npz and the grid. Its generation rate is what the stage logs as images_per_s; "end to end" also
-counts loading, hashing, merging and the grid. "naive" is the official samplers' loop: one generator per
-batch, one decoder call per batch, all images kept in memory and saved with np.savez at the end. Both use the
-config's batch size, the same labels and the same sampling options.
+counter noise, the fast decode path (CUDA graphs on GPU), decoder batches of a fixed size, atomic shards with
+checksums, the streamed merge into samples.npz and the grid. Its generation rate is what the stage logs as
+images_per_s; "end to end" also counts loading, hashing, merging and the grid. "naive" is the official
+samplers' loop: one generator per batch, the plain eager decode loop, one decoder call per batch, all images
+kept in memory and saved with np.savez at the end. Both use the config's batch size, the same labels and the
+same sampling options.
 
     python benchmarks/bench_sample.py                                      # CPU, the embedded tiny models
     python benchmarks/bench_sample.py --device cuda --config config/paper.yaml \
@@ -188,10 +189,11 @@ def table(rows: list[dict], cfg: dict, args) -> str:
         "warm-up batch; random-init weights."
     )
     notes = (
-        "stage images/s: the generation phase as the stage logs it to MLflow (per-sample generators, "
-        f"decoder calls of a fixed {DECODE_BATCH} rows, atomic shards with sha256); end to end adds loading, "
-        "hashing, the merge and the grid. naive: one generator and one decoder call per batch, np.savez at "
-        "the end (the official samplers' loop; not deterministic across batch or world sizes)."
+        "stage images/s: the generation phase as the stage logs it to MLflow (per-sample counter noise, the "
+        f"fast decode path, decoder calls of a fixed {DECODE_BATCH} rows, atomic shards with sha256); end to "
+        "end adds loading, hashing, the merge and the grid. naive: one generator, the eager decode loop and "
+        "one decoder call per batch, np.savez at the end (the official samplers' loop; not deterministic "
+        "across batch or world sizes)."
     )
     return "\n".join(["# bench_sample", "", setup, "", *lines, "", notes, ""])
 

@@ -3,11 +3,16 @@
 #
 #   PYTHONPATH=src benchmarks/run_gpu.sh OUT_DIR SECONDS STEP...
 #
-# STEPs: llamagen-eager llamagen-compile train var tokenize sample evaluate (and smoke: toy sizes of the
-# compile, tokenize, sample and evaluate paths, in parallel, correctness only). Each step runs under `timeout`
-# within SECONDS for the whole call; its table goes to OUT_DIR. On an image without torch-fidelity and
-# jsonschema, install them as wheels with `pip install --no-deps --target /tmp/site` and put that on
-# PYTHONPATH before src.
+# STEPs: generate train tokenize sample evaluate (and smoke: toy sizes of the generate, tokenize, sample and
+# evaluate paths, in parallel, correctness only). Each step runs under `timeout` within SECONDS for the whole
+# call; its table goes to OUT_DIR. On an image without torch-fidelity and jsonschema, install them as wheels
+# with `pip install --no-deps --target /tmp/site` and put that on PYTHONPATH before src.
+#
+# generate: every GPU figure of bench_generate.py in one process (~8 minutes on an H100/H200): our sampler
+# (CUDA graphs; torch.compile'd steps; attention over all cache slots) against the official LlamaGen and
+# VAR samplers on GPT-L, GPT-XL, VAR-d16 and VAR-d30 at paper settings, graph-vs-reference token agreement
+# and the noise's CPU/GPU bit identity. It needs the official code in .cache/official/ (carry it):
+#   PYTHONPATH=src benchmarks/run_gpu.sh /tmp/out 540 generate
 set -u
 out=$1
 deadline=$((SECONDS + $2))
@@ -29,10 +34,6 @@ run() { # run MAX_SECONDS NAME CMD...: CMD under the smaller of MAX_SECONDS and 
     echo "=== $(date +%T) END $name rc=$rc"
 }
 
-GPTL='{"preset": "GPT-L", "block_size": 576}'
-VAE='{"preset": "vae_ch160v4096z32"}'
-gen=(python3 benchmarks/bench_generate.py --device cuda --dtype bfloat16)
-
 for step in "$@"; do
     case $step in
     smoke)
@@ -41,10 +42,9 @@ for step in "$@"; do
 torch.cuda.get_device_name(), torch_fidelity.__version__)'
         s=/tmp/smoke
         mkdir -p $s
-        tiny='{"preset": "GPT-B", "block_size": 16, "n_layer": 2}'
         T=(timeout 150)
-        "${T[@]}" "${gen[@]}" --batch 8 --repeats 1 --family llamagen --model-args "$tiny" --compile \
-            --kv-cache on --out $s/g.md >$s/gen_compile.log 2>&1 &
+        "${T[@]}" python3 benchmarks/bench_generate.py --device cuda --batch 8 --repeats 1 --json $s/g.json \
+            --cases GPT-B-64px:ours:graph GPT-B-64px:ours:compile d16-64px:ours:graph >$s/gen.log 2>&1 &
         "${T[@]}" python3 benchmarks/bench_tokenize.py --device cuda --images 8 --storage-images 16 \
             --out $s/k.md >$s/tok.log 2>&1 &
         "${T[@]}" python3 benchmarks/bench_sample.py --device cuda --per-class 2 --out $s/s.md >$s/sample.log 2>&1 &
@@ -56,23 +56,14 @@ torch.cuda.get_device_name(), torch_fidelity.__version__)'
             tail -n 40 "$f"
         done
         ;;
-    llamagen-eager)
-        run 150 "$step" "${gen[@]}" --family llamagen --model-args "$GPTL" --batch 64 --kv-cache on \
-            --repeats 2 --out "$out/bench_generate_gpu_llamagen.md"
-        ;;
-    llamagen-compile)
-        TORCH_LOGS=recompiles,perf_hints run 360 "$step" "${gen[@]}" --family llamagen --model-args "$GPTL" \
-            --batch 64 256 --kv-cache on --compile --repeats 2 --out "$out/bench_generate_gpu_llamagen_compile.md"
+    generate) # the CPU records already in the results file are kept beside the GPU ones
+        cp benchmarks/results/bench_generate.json "$out/" 2>/dev/null
+        TORCH_LOGS=recompiles run 520 "$step" python3 benchmarks/bench_generate.py --device cuda --budget 470 --repeats 1 \
+            --json "$out/bench_generate.json" --md "$out/bench_generate_gpu.md"
         ;;
     train)
         run 120 "$step" python3 benchmarks/bench_train.py --device cuda --peak-tflops 989 \
             --out "$out/bench_train_gpu.md"
-        ;;
-    var)
-        for d in d16 d24; do
-            run 90 "var-$d" "${gen[@]}" --family var --model-args "{\"preset\": \"$d\"}" --tokenizer-args "$VAE" \
-                --batch 64 --out "$out/bench_generate_gpu_var_$d.md"
-        done
         ;;
     tokenize)
         run 150 "$step" python3 benchmarks/bench_tokenize.py --device cuda --images 64 --batch 4 \

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testkit import run_stage, tiny_tokenizers
+from testkit import BASE_TARGET, run_stage, tiny_tokenizers
 
 from ccalign.config import resolve
 from ccalign.data.dataset import CodeDataset
@@ -50,6 +50,7 @@ def make_cfg(tmp_path: Path, num_classes: int = 10, **tokenizers) -> dict:
             },
             "tokenizers": tokenizers,
             "models": models,
+            "targets": BASE_TARGET,
         }
     )
 

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -48,7 +49,7 @@ def evaluate_job(label: str, out, *extra: str) -> list:
 
 @pytest.mark.skipif(not tmpfs_allowed(), reason="no private mount namespace here (unshare --mount refused)")
 def test_full_disk_is_one_message_and_the_same_command_resumes(smoke_run, tmp_path):
-    root, _ = smoke_run
+    root = shutil.copytree(smoke_run[0], tmp_path / "work")  # the shared run stays as it was
     disk = tmp_path / "disk"
     disk.mkdir()
     jobs = [
@@ -100,7 +101,7 @@ def test_full_disk_is_one_message_and_the_same_command_resumes(smoke_run, tmp_pa
 
 
 def test_a_file_size_limit_is_one_message(smoke_run, tmp_path):
-    root, _ = smoke_run
+    root = shutil.copytree(smoke_run[0], tmp_path / "work")
     out = tmp_path / "samples.npz"
     argv = [
         "sample",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testkit import run_stage
+from testkit import BASE_TARGET, run_stage
 
 import ccalign.sample.run as sample_run
 import ccalign.sample.shards as sample_shards
@@ -86,6 +86,7 @@ def make_setup(name: str, root: Path, per_class: int) -> dict:
         "dataset": {"name": "tiny", "source": "sklearn_digits", "num_classes": num_classes, "image_size": 8},
         "tokenizers": {"tok": {"family": name, "args": tokenizer_args}},
         "models": {"tiny": {"family": name, "tokenizer": "tok", "args": model_args, "sample": {"top_k": 16}}},
+        "targets": BASE_TARGET,
         "sample": {"per_class": per_class, "batch_size": 4, "shard_size": 3, "seed": 5, "precision": "fp32"},
     }
     guidance = {"llamagen": 2.0, "var": 1.5}[name]
@@ -260,6 +261,22 @@ def test_two_processes_with_batch_3_match_one_process_with_batch_4(setup, refere
     assert [p.returncode for p in procs] == [0, 0], logs
     rank1 = len(range(1, len(range(0, setup["num_classes"] * 2, 3)), 2))  # shards 1, 3, 5, ...
     assert f"{rank1} of {rank1} shards to generate" in logs[1]
+    arr, labels = load(out)
+    assert np.array_equal(arr, reference["arrays"][0]) and np.array_equal(labels, reference["arrays"][1])
+
+
+def test_batch_size_auto_picks_a_batch_on_cpu_and_gives_the_same_samples(
+    setup, reference, tmp_path, monkeypatch
+):
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg["sample"]["batch_size"] = "auto"
+    out = tmp_path / "samples.npz"
+    chosen, auto = [], sample_run.auto_batch_size
+    monkeypatch.setattr(
+        sample_run, "auto_batch_size", lambda *a, **k: chosen.append(auto(*a, **k)) or chosen[-1]
+    )
+    run_inproc(cfg, argv(setup, out), monkeypatch)
+    assert chosen == [3]  # once per job; one batch per shard of 3
     arr, labels = load(out)
     assert np.array_equal(arr, reference["arrays"][0]) and np.array_equal(labels, reference["arrays"][1])
 

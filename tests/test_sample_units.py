@@ -53,6 +53,8 @@ def test_fingerprint_tracks_every_setting():
         {"resize_to": 32},
         {"decode_batch": 4},
         {"checkpoint_sha256": "ab"},
+        {"precision": "bf16"},
+        {"noise": "torch.Generator"},
     ):
         assert SampleSpec(**{**base, **change}).fingerprint() != fp
 

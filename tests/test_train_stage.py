@@ -14,7 +14,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from testkit import run_stage, stage_args
+from testkit import BASE_TARGET, run_stage, stage_args
 
 from ccalign import cli
 from ccalign.config import resolve
@@ -87,6 +87,7 @@ def make_config(root: Path) -> dict:
                 "finetune": {"model_args": {"class_dropout_prob": 1e-5}, "lr": 1e-3},
             }
         },
+        "targets": BASE_TARGET,
         "pretrain": {"lr": 1e-2, "global_batch": 8, "max_steps": 6, "precision": "fp32", "log_every": 3},
         "finetune": {
             "beta": 0.1,

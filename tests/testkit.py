@@ -36,6 +36,12 @@ FP32 = 1e-5
 OPS = 1e-6
 
 
+# the smallest target a test config needs (the schema asks for one)
+BASE_TARGET = {
+    "base": {"description": "the base models", "sets": [{"variant": "base", "guidance": ["free"]}]}
+}
+
+
 def stage_args(name: str, *argv) -> argparse.Namespace:
     """The flags of stage ``name`` as the CLI parses them (no labels, no record unless given)."""
     command = stages()[name].command

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Sequence
 from functools import cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from ccalign.models.sampling import Noise
 
 ENTRY_POINTS = "ccalign.families"
 
@@ -29,7 +30,8 @@ class Family(Protocol):
     name: str
     guidance_free: float  # the guidance scale that means "no guidance" in the family's convention
     default_sampling: dict[str, Any]  # official sampling options (temperature, top-k, ...)
-    default_precision: str  # official sampling precision: fp32 | bf16 (weights) | fp16 (autocast)
+    default_precision: str  # official sampling precision: fp32 | bf16 | fp16
+    casts_weights: bool  # the official sampler casts the weights to it (else: autocast, decoding included)
     default_views: dict[str, Any]  # the official training augmentation (tokenize.views) when none is set
     no_decay_keys: tuple[str, ...]  # parameter-name fragments exempt from weight decay (besides ndim < 2)
 
@@ -62,8 +64,9 @@ class Family(Protocol):
         *,
         guidance: float,
         sampling: dict,
-        generator: torch.Generator | Sequence[torch.Generator],
-    ) -> torch.Tensor: ...  # codes (B, T)
+        generator: Noise,
+        decode: str = "reference",
+    ) -> torch.Tensor: ...  # codes (B, T); decode: the eager reference path or a fast one
 
 
 def _builtin() -> list[str]:

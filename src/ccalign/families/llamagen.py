@@ -9,13 +9,13 @@ import; the model code is imported by the methods that use it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
     from ccalign.models.llamagen import Transformer
+    from ccalign.models.sampling import Noise
     from ccalign.tokenizers.llamagen_vq import VQModel
 
 
@@ -25,6 +25,7 @@ class LlamaGenFamily:
     # CCA's LlamaGen_sample_ddp.py: no filtering, bf16 weights; kv_cache False = the naive full-pass sampler
     default_sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_interval": -1, "kv_cache": True}
     default_precision = "bf16"
+    casts_weights = True  # sample_c2i.py casts the transformer to the precision; the VQ decoder stays fp32
     default_views = {"mode": "tencrop"}  # extract_codes_c2i.py --ten-crop, crop ranges 1.1 and 1.05
     no_decay_keys = ()  # every tensor with ndim < 2, nothing else (the model has no biases)
 
@@ -112,15 +113,17 @@ class LlamaGenFamily:
         *,
         guidance: float,
         sampling: dict,
-        generator: torch.Generator | Sequence[torch.Generator],
+        generator: Noise,
+        decode: str = "reference",
     ) -> torch.Tensor:
-        """Codes (B, T); ``sampling`` overrides :attr:`default_sampling`."""
+        """Codes (B, T); ``sampling`` overrides :attr:`default_sampling`; ``decode``: the path of
+        ``Transformer.generate`` (the eager reference, or the fast eager / CUDA-graph / compiled decoder)."""
         unknown = sorted(set(sampling) - set(self.default_sampling))
         if unknown:
             known = sorted(self.default_sampling)
             raise ValueError(f"unknown LlamaGen sampling options {unknown}; known: {known}")
         opts = {**self.default_sampling, **sampling}
-        return model.generate(labels, generator=generator, cfg_scale=guidance, **opts)
+        return model.generate(labels, generator=generator, cfg_scale=guidance, decode=decode, **opts)
 
 
 FAMILY = LlamaGenFamily()

@@ -9,13 +9,13 @@ no import; the model code is imported by the methods that use it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from ccalign.models.sampling import Noise
     from ccalign.models.var import VAR
     from ccalign.tokenizers.var_vqvae import VQVAE
 
@@ -25,6 +25,7 @@ class VARFamily:
     guidance_free = 0.0
     default_sampling = {"top_k": 900, "top_p": 0.96, "more_smooth": False, "kv_cache": True}  # sample.py
     default_precision = "fp16"  # VAR's sampler: fp16 autocast, VAE decode included
+    casts_weights = False
     default_views = {"mode": "random", "count": 1}  # VAR's training augmentation: one random crop per image
     # Beyond every tensor with ndim < 2: utils/lr_control.filter_params with the name fragments VAR/train.py
     # and CCA's VAR_finetune.py pass to it.
@@ -109,6 +110,8 @@ class VARFamily:
 
     def to_uint8(self, images: Tensor) -> Tensor:
         """VAR's sampler: the decoder's [-1, 1] output -> (x + 1) · 0.5 · 255, truncated to uint8."""
+        import torch
+
         return images.clamp(-1, 1).add(1).mul(0.5).permute(0, 2, 3, 1).mul(255).to(torch.uint8)
 
     # -- the model on codes
@@ -138,9 +141,10 @@ class VARFamily:
         *,
         guidance: float,
         sampling: dict,
-        generator: torch.Generator | Sequence[torch.Generator],
+        generator: Noise,
+        decode: str = "reference",
     ) -> Tensor:
-        """Codes (B, L); ``sampling`` overrides :attr:`default_sampling`."""
+        """Codes (B, L); ``sampling`` overrides :attr:`default_sampling`; ``decode``: see ``VAR.generate``."""
         unknown = sorted(set(sampling) - set(self.default_sampling))
         if unknown:
             raise ValueError(
@@ -149,7 +153,7 @@ class VARFamily:
         import torch
 
         opts = {**self.default_sampling, **sampling}
-        codes, _ = model.generate(tokenizer, labels, generator=generator, cfg=guidance, **opts)
+        codes, _ = model.generate(tokenizer, labels, generator=generator, cfg=guidance, decode=decode, **opts)
         return torch.cat(codes, dim=1)
 
 

@@ -15,20 +15,23 @@ Deliberate differences from upstream (see tests/golden/llamagen/README.md):
 - the teacher-forcing call works in eval mode too (upstream only slices logits in train mode);
 - the KV cache stores n_kv_head heads, so grouped-query attention also works when decoding;
 - caches (RoPE table, KV cache, mask) never enter ``state_dict()``; checkpoints containing them still load;
-- sampling randomness comes only from explicit ``torch.Generator``s (one per row if wanted).
+- sampling randomness comes only from explicit noise sources (``ccalign.models.sampling``);
+- besides the reference decode loop, a static-shape fast path (``decode="eager" | "graph" | "compile"``) whose
+  token steps are captured as CUDA graphs on GPU and attend to the written prefix of the cache only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ccalign.models.sampling import draw_uniform, sample_from_probs
+from ccalign.models.graphs import StepRunner, check_decode_mode
+from ccalign.models.sampling import Noise, draw_uniform, sample_from_probs
 from ccalign.presets import Presets
 
 
@@ -211,7 +214,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.resid_dropout_p)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, freqs_cis, mask=None, input_pos=None) -> torch.Tensor:
+    def forward(self, x, freqs_cis, mask=None, input_pos=None, kv_len=None) -> torch.Tensor:
         B, S, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
@@ -221,6 +224,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_head, L, hd), all cache slots
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # the first kv_len slots (None: all)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -243,8 +247,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x, freqs_cis, mask=None, input_pos=None) -> torch.Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, mask, input_pos))
+    def forward(self, x, freqs_cis, mask=None, input_pos=None, kv_len=None) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, kv_len))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -279,6 +283,7 @@ class Transformer(nn.Module):
             config.grid_size, config.head_dim, config.rope_base, config.cls_token_num
         )
         self.register_buffer("causal_mask", None, persistent=False)  # set by setup_caches
+        self._decoder: FastDecoder | None = None  # the fast path's buffers and graphs (see generate)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -315,10 +320,22 @@ class Transformer(nn.Module):
         self._rope(device)
 
     def clear_caches(self) -> None:
-        """Free the KV caches (generate() keeps them for the next call of the same batch size)."""
+        """Free the KV caches and the fast path's buffers and graphs (generate() keeps them for the next call
+        of the same batch size)."""
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.causal_mask = None
+        self._decoder = None
+
+    def sampling_bytes_per_row(self, guidance: float, dtype: torch.dtype | None = None) -> int:
+        """Device memory one sampled image needs beyond the weights (KV cache in ``dtype``, default the
+        weights', and the float32 sampling workspace of one step), for sizing batches."""
+        c = self.config
+        itemsize = (dtype or self.tok_embeddings.weight.dtype).itemsize
+        length = find_multiple(c.cls_token_num + c.block_size, 8)
+        kv = 2 * c.n_layer * (c.n_kv_head or c.n_head) * c.head_dim * length * itemsize
+        workspace = c.vocab_size * 48 + c.dim * 16 * itemsize  # logits, filtered, sorted (+ int64 order), cdf
+        return (2 if guidance > 1.0 else 1) * (kv + workspace) + c.block_size * 12  # noise and codes
 
     # -- forward
 
@@ -328,6 +345,7 @@ class Transformer(nn.Module):
         cond_idx: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Two modes (argument order as upstream).
 
@@ -336,7 +354,9 @@ class Transformer(nn.Module):
         against ``targets`` (B, S + 1) when given.
 
         Cached decoding (``input_pos`` (S,) sequence positions, caches set up): the class token when
-        ``cond_idx`` is given (position 0), else tokens ``idx`` (B, S) -> logits (B, S, V) there.
+        ``cond_idx`` is given (position 0), else tokens ``idx`` (B, S) -> logits (B, S, V) there. Attention
+        reads the first ``kv_len`` cache slots (None: all of them), which must cover every position <= the
+        largest of ``input_pos``.
         """
         if input_pos is None:
             h = torch.cat([self.cls_embedding(cond_idx), self.tok_embeddings(idx)], dim=1)  # (B, 1+S, dim)
@@ -345,10 +365,10 @@ class Transformer(nn.Module):
         else:
             h = self.cls_embedding(cond_idx) if cond_idx is not None else self.tok_embeddings(idx)
             freqs_cis = self._rope(h.device)[input_pos]  # (S, hd/2, 2)
-            mask = self.causal_mask[input_pos][None, None]  # (1, 1, S, L): attend to filled slots <= pos
+            mask = self.causal_mask[input_pos][None, None, :, :kv_len]  # (1, 1, S, kv_len): slots <= pos
         h = self.tok_dropout(h)
         for layer in self.layers:
-            h = layer(h, freqs_cis, mask, input_pos)
+            h = layer(h, freqs_cis, mask, input_pos, kv_len)
         logits = self.output(self.norm(h)).float()  # (B, S', V)
         loss = None
         if targets is not None:
@@ -362,7 +382,7 @@ class Transformer(nn.Module):
         self,
         cond: torch.Tensor,
         *,
-        generator: torch.Generator | Sequence[torch.Generator],
+        generator: Noise,
         cfg_scale: float = 1.0,
         cfg_interval: float = -1,
         temperature: float = 1.0,
@@ -370,51 +390,168 @@ class Transformer(nn.Module):
         top_p: float = 1.0,
         kv_cache: bool = True,
         return_logits: bool = False,
+        decode: str = "reference",
     ):
         """Sample block_size tokens per label: cond (B,) -> codes (B, T) int64.
 
         CFG as upstream: with cfg_scale > 1 the batch runs as [cond; null] and the sampler sees
         uncond + (cond - uncond) * cfg_scale; cfg_scale <= 1 (1.0 = guidance-free) runs the conditional half
         only. The first token is always guided; decode step i (making token i + 1) is guided unless
-        cfg_interval > -1 and i > cfg_interval. Each step draws one uniform per row from ``generator``
-        (all drawn up front, see ``draw_uniform``). kv_cache=False recomputes the whole prefix every step
-        (for benchmarks). return_logits=True also returns the logits handed to the sampler, (B, T, V).
+        cfg_interval > -1 and i > cfg_interval. Token t draws uniform t of its row from ``generator``
+        (``draw_uniform(generator, B, T)``, all drawn up front). kv_cache=False recomputes the whole prefix
+        every step (for benchmarks). return_logits=True also returns the logits handed to the sampler,
+        (B, T, V).
+
+        decode: "reference" is the plain eager loop below; "eager", "graph" and "compile" run the fast path
+        (``FastDecoder``: static buffers kept for the next call of the same shape, attention over the
+        written prefix, CUDA graphs on GPU; see ``ccalign.models.graphs``), which draws the same noise and,
+        in float32 on CPU, the same tokens. It needs the KV cache and does not return logits.
         """
+        check_decode_mode(decode)
         was_training = self.training
         self.eval()  # upstream sampling is only valid in eval mode
         B, T, device = cond.shape[0], self.config.block_size, cond.device
         guided = cfg_scale > 1.0
         labels = torch.cat([cond, torch.full_like(cond, self.config.num_classes)]) if guided else cond
         u = draw_uniform(generator, B, T, device)  # (B, T)
-        codes = torch.zeros(B, T, dtype=torch.long, device=device)
+        try:
+            if decode != "reference":
+                if not kv_cache or return_logits:
+                    raise ValueError(f"decode={decode!r} needs kv_cache=True and return_logits=False")
+                key = (B, guided, cfg_scale, cfg_interval, temperature, top_k, top_p, decode)
+                return self._fast_decoder(key).run(labels, u)
+            return self._reference_decode(
+                labels, u, cfg_scale, cfg_interval, temperature, top_k, top_p, kv_cache, return_logits
+            )
+        finally:
+            self.train(was_training)
+
+    def _reference_decode(
+        self, labels, u, cfg_scale, cfg_interval, temperature, top_k, top_p, kv_cache, return_logits
+    ):
+        """The plain eager decode loop (the reference the fast path is tested against)."""
+        (B, T), guided = u.shape, cfg_scale > 1.0
+        codes = torch.zeros(B, T, dtype=torch.long, device=u.device)
         step_logits = []
         if kv_cache:
             self.setup_caches(labels.shape[0])
-        positions = torch.arange(T + 1, device=device)
-        try:
-            for t in range(T):
-                if not kv_cache:  # naive: full pass over the class token and all tokens so far
-                    prefix = torch.cat([codes[:, :t], codes[:, :t]]) if guided else codes[:, :t]
-                    logits = self(prefix, labels)[0][:, -1]
-                elif t == 0:  # prefill: the class token at position 0
-                    logits = self(None, labels, input_pos=positions[:1])[0][:, -1]
-                else:  # token z_{t-1} at position t
-                    prev = codes[:, t - 1 : t]
-                    prev = torch.cat([prev, prev]) if guided else prev
-                    logits = self(prev, None, input_pos=positions[t : t + 1])[0][:, -1]
-                if guided:
-                    cond_logits, uncond_logits = logits.split(B, dim=0)
-                    if t == 0 or not (cfg_interval > -1 and t - 1 > cfg_interval):
-                        logits = uncond_logits + (cond_logits - uncond_logits) * cfg_scale
-                    else:
-                        logits = cond_logits
-                if return_logits:
-                    step_logits.append(logits)
-                probs = sampling_probs(logits, temperature, top_k, top_p)
-                codes[:, t] = sample_from_probs(probs, u[:, t])
-        finally:
-            self.train(was_training)
+        positions = torch.arange(T + 1, device=u.device)
+        for t in range(T):
+            if not kv_cache:  # naive: full pass over the class token and all tokens so far
+                prefix = torch.cat([codes[:, :t], codes[:, :t]]) if guided else codes[:, :t]
+                logits = self(prefix, labels)[0][:, -1]
+            elif t == 0:  # prefill: the class token at position 0
+                logits = self(None, labels, input_pos=positions[:1])[0][:, -1]
+            else:  # token z_{t-1} at position t
+                prev = codes[:, t - 1 : t]
+                prev = torch.cat([prev, prev]) if guided else prev
+                logits = self(prev, None, input_pos=positions[t : t + 1])[0][:, -1]
+            if guided:
+                logits = mix_cfg(logits, cfg_scale, guided_step(t, cfg_interval))
+            if return_logits:
+                step_logits.append(logits)
+            probs = sampling_probs(logits, temperature, top_k, top_p)
+            codes[:, t] = sample_from_probs(probs, u[:, t])
         return (codes, torch.stack(step_logits, dim=1)) if return_logits else codes
+
+    def _fast_decoder(self, key: tuple) -> FastDecoder:
+        """The cached decoder for ``key`` (batch, guidance and filters, decode mode); a new one (new buffers
+        and graphs) when the key, the weights' dtype or device, or the KV caches changed."""
+        d = self._decoder
+        weight = self.tok_embeddings.weight
+        key = (*key, weight.dtype, weight.device)
+        if d is None or d.key != key or not d.caches_current():
+            self._decoder = d = None  # free the old buffers and graphs first
+            self._decoder = d = FastDecoder(self, key)
+        return d
+
+
+def guided_step(t: int, cfg_interval: float) -> bool:
+    """Whether token t is sampled from the CFG mix (upstream: always the first token, then while
+    cfg_interval is -1 or the step index t - 1 is at most cfg_interval)."""
+    return t == 0 or not (cfg_interval > -1 and t - 1 > cfg_interval)
+
+
+def mix_cfg(logits: torch.Tensor, cfg_scale: float, guided: bool | torch.Tensor) -> torch.Tensor:
+    """[cond; uncond] logits (2B, V) -> uncond + (cond - uncond) * cfg_scale where ``guided`` (a bool, or a
+    bool tensor broadcastable to (B, V)), else cond."""
+    cond, uncond = logits.chunk(2, dim=0)
+    if guided is False:
+        return cond
+    mixed = uncond + (cond - uncond) * cfg_scale
+    return mixed if guided is True else torch.where(guided, mixed, cond)
+
+
+class FastDecoder:
+    """Static-shape decoding of one batch shape and sampling setting: every buffer (labels, noise, codes,
+    position, KV caches) is allocated once, and each token step (transformer, CFG mix, temperature /
+    top-k / top-p, categorical draw, write of the token, position + 1) is a function of those buffers only,
+    without host synchronisation, so ``StepRunner`` can capture it as a CUDA graph.
+
+    Step t attends to the first kv_len(t) cache slots: t + 1 rounded up to a multiple of ``EAGER_BLOCK``
+    when run eagerly (exactly the written prefix), of ``ATTN_BLOCK`` when captured (one graph per block
+    count; the causal mask hides the unwritten slots), all slots under torch.compile (one compiled graph).
+    """
+
+    EAGER_BLOCK = 1
+    ATTN_BLOCK = 64
+
+    def __init__(self, model: Transformer, key: tuple):
+        B, guided, cfg_scale, cfg_interval, temperature, top_k, top_p, mode, _, device = key
+        self.model, self.key = model, key
+        T, rows = model.config.block_size, 2 * B if guided else B
+        model.setup_caches(rows)
+        self.cache0 = model.layers[0].attention.kv_cache.k_cache  # graphs hold the caches' addresses
+        self.length = len(self.cache0[0, 0])
+        self.runner = StepRunner(device, mode)
+        self.block = self.ATTN_BLOCK if self.runner.capture else self.EAGER_BLOCK
+        if self.runner.compile:
+            self.block = self.length
+        self.guided, self.cfg_scale = guided, cfg_scale
+        self.filters = (temperature, top_k, top_p)
+        self.labels = torch.zeros(rows, dtype=torch.long, device=device)
+        self.u = torch.zeros(B, T, device=device)
+        self.codes = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # position of the step's input token
+        self.zero = torch.zeros(1, dtype=torch.long, device=device)
+        guide = [guided_step(t, cfg_interval) for t in range(T)]
+        self.guide = True if all(guide) else torch.tensor(guide, device=device)  # (T,) per token
+
+    def caches_current(self) -> bool:
+        cache = self.model.layers[0].attention.kv_cache
+        return cache is not None and cache.k_cache is self.cache0
+
+    def run(self, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """labels (rows,) and uniforms (B, T) -> codes (B, T), a new tensor."""
+        self.labels.copy_(labels)
+        self.u.copy_(u)
+        self.runner("prefill", self._prefill, compile=False)
+        for t in range(1, self.u.shape[1]):
+            kv_len = min(find_multiple(t + 1, self.block), self.length)
+            self.runner(kv_len, partial(self._step, kv_len))
+        self.runner.log_capture(f"LlamaGen batch {len(self.labels)}")
+        return self.codes.clone()
+
+    def _prefill(self) -> None:
+        logits = self.model(None, self.labels, input_pos=self.zero)[0][:, -1]  # (rows, V)
+        self._draw(logits, self.zero)
+        self.pos.fill_(1)
+
+    def _step(self, kv_len: int) -> None:
+        prev = self.codes.index_select(1, self.pos - 1)  # (B, 1) the last token
+        prev = torch.cat([prev, prev]) if self.guided else prev
+        logits = self.model(prev, None, input_pos=self.pos, kv_len=kv_len)[0][:, -1]  # (rows, V)
+        self._draw(logits, self.pos)
+        self.pos.add_(1)
+
+    def _draw(self, logits: torch.Tensor, pos: torch.Tensor) -> None:
+        """Token ``pos`` of every row from its logits (rows, V), written into ``codes``."""
+        if self.guided:
+            guide = self.guide if self.guide is True else self.guide.index_select(0, pos)
+            logits = mix_cfg(logits, self.cfg_scale, guide)
+        probs = sampling_probs(logits, *self.filters)
+        token = sample_from_probs(probs, self.u.index_select(1, pos).squeeze(1))  # (B,)
+        self.codes.index_copy_(1, pos, token.unsqueeze(1))
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):

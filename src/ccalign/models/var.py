@@ -10,14 +10,16 @@ block-causal: a token sees every token of its own and coarser scales. The class 
 `num_classes` is the unconditional "null" class) also conditions every block through AdaLN.
 
 Deliberate differences from the official code: class dropout only in training mode (the official forward drops
-labels in eval too); no cached state lives in the module (the KV cache is a local of `generate`); randomness
-comes only from explicit generators.
+labels in eval too); the reference decode keeps its KV cache in a local of `generate`; randomness comes only
+from explicit noise sources (`ccalign.models.sampling`). Besides the reference loop, a fast path
+(`decode="eager" | "graph" | "compile"`) runs the same scale loop on preallocated caches and buffers,
+captured as one CUDA graph per batch shape on GPU.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ccalign.models.sampling import draw_uniform, sample_from_probs
+from ccalign.models.graphs import StepRunner, check_decode_mode
+from ccalign.models.sampling import Noise, draw_uniform, sample_from_probs
 from ccalign.presets import Presets
 from ccalign.tokenizers.var_vqvae import VQVAE
 
@@ -104,6 +107,30 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """``KVCache`` in preallocated (B, H, L, hd) buffers: ``extend`` writes the next slots in place and
+    returns the written prefix, so every scale's step has fixed shapes and addresses (CUDA-graph friendly).
+    The buffers take the dtype of the first keys and values written; ``rewind`` starts a new sequence."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.end = length, 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def rewind(self) -> None:
+        self.end = 0
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_empty(B, H, self.length, hd)
+            self.v = v.new_empty(B, H, self.length, hd)
+        start, self.end = self.end, self.end + k.shape[2]
+        self.k[:, :, start : self.end].copy_(k)
+        self.v[:, :, start : self.end].copy_(v)
+        return self.k[:, :, : self.end], self.v[:, :, : self.end]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -123,7 +150,9 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else nn.Identity()
         self.attn_drop = cfg.attn_drop_rate
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_bias: Tensor | None, cache: KVCache | StaticKVCache | None = None
+    ) -> Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -172,7 +201,7 @@ class AdaLNBlock(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
     def forward(
-        self, x: Tensor, cond: Tensor, attn_bias: Tensor | None, cache: KVCache | None = None
+        self, x: Tensor, cond: Tensor, attn_bias: Tensor | None, cache: KVCache | StaticKVCache | None = None
     ) -> Tensor:
         # cond: (B, C) class embedding, or (B, 1, 6, C) shared AdaLN projection when shared_aln
         ada = self.ada_gss + cond if self.shared_aln else self.ada_lin(cond).view(-1, 1, 6, self.C)
@@ -231,6 +260,7 @@ class VAR(nn.Module):
         nn.init.trunc_normal_(self.pos_start, mean=0, std=init_std)
         nn.init.trunc_normal_(self.pos_1LC, mean=0, std=init_std)
         self.init_weights()  # every Linear and Embedding
+        self._decoder: FastDecoder | None = None  # the fast path's buffers and graph (see generate)
 
     def init_weights(
         self,
@@ -306,12 +336,13 @@ class VAR(nn.Module):
         tokenizer: VQVAE,
         labels: Tensor,
         *,
-        generator: torch.Generator | Sequence[torch.Generator],
+        generator: Noise,
         cfg: float = 0.0,
         top_k: int = 0,
         top_p: float = 0.0,
         more_smooth: bool = False,
         kv_cache: bool = True,
+        decode: str = "reference",
     ) -> tuple[list[Tensor], Tensor]:
         """Scale-by-scale sampling -> (per-scale codes [(B, pn²)], final latent f_hat (B, Cvae, h, w)).
 
@@ -320,9 +351,66 @@ class VAR(nn.Module):
         all). top_k / top_p follow VAR's filters (0 disables). more_smooth: the next scales are conditioned
         on a gumbel-softmax mixture of codes (visualisation only; the returned f_hat reflects it, the codes
         do not). kv_cache=False recomputes all previous scales at every step (for benchmarks).
-        Randomness: `draw_uniform(generator, ...)` only; with one generator per row, row b uses generator[b].
+        Randomness: scale si draws ``draw_uniform(generator, B, pn², step=si)`` for its tokens, then, with
+        more_smooth, ``draw_uniform(generator, B, pn²·V, step=si, stream=1)`` for the gumbel noise.
+
+        decode: "reference" is the plain eager loop; "eager", "graph" and "compile" run the fast path
+        (``FastDecoder``: the same scale loop on preallocated caches and buffers kept for the next call of
+        the same shape, captured as one CUDA graph on GPU; see ``ccalign.models.graphs``), which draws the
+        same noise and, in float32 on CPU, gives the same tokens. It needs the KV cache.
         """
+        check_decode_mode(decode)
         self.check_tokenizer(tokenizer)
+        B, device = labels.shape[0], labels.device
+        if decode == "reference":
+            caches = [KVCache() for _ in self.blocks] if kv_cache else None
+
+            def noise(si: int, n: int, stream: int) -> Tensor:
+                return draw_uniform(generator, B, n, device, step=si, stream=stream)
+
+            return self._decode_scales(tokenizer, labels, cfg, top_k, top_p, more_smooth, caches, noise)
+        if not kv_cache:
+            raise ValueError(f"decode={decode!r} needs kv_cache=True")
+        draws = {}  # drawn up front, in the reference's order (torch generators are consumed in call order)
+        for si, pn in enumerate(self.patch_nums):
+            draws[si, 0] = draw_uniform(generator, B, pn * pn, device, step=si)
+            if more_smooth:
+                draws[si, 1] = draw_uniform(generator, B, pn * pn * self.cfg.V, device, step=si, stream=1)
+        weight = self.head.weight
+        key = (B, cfg, top_k, top_p, more_smooth, decode, id(tokenizer), weight.dtype, weight.device)
+        key += (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type),)
+        if self._decoder is None or self._decoder.key != key:
+            self._decoder = None  # free the old buffers and graph first
+            self._decoder = FastDecoder(self, tokenizer, key, draws)
+        return self._decoder.run(labels, draws)
+
+    def clear_caches(self) -> None:
+        """Free the fast path's buffers and graph (generate() keeps them for the next call of that shape)."""
+        self._decoder = None
+
+    def sampling_bytes_per_row(self, guidance: float, dtype: torch.dtype | None = None) -> int:
+        """Device memory one sampled image needs beyond the weights (KV cache in ``dtype``, default the
+        weights', and the largest scale's activations and float32 sampling workspace), for sizing batches."""
+        c = self.cfg
+        itemsize = (dtype or self.head.weight.dtype).itemsize
+        kv = 2 * c.depth * self.L * c.embed_dim * itemsize
+        last = self.patch_nums[-1] ** 2  # tokens of the largest scale
+        act = last * c.embed_dim * (4 + 2 * c.mlp_ratio) * itemsize * 2
+        workspace = last * c.V * 48  # logits, filtered, sorted (+ int64 order), cdf
+        return (2 if guidance != 0 else 1) * (kv + act + workspace) + self.L * 12  # noise and codes
+
+    def _decode_scales(
+        self,
+        tokenizer: VQVAE,
+        labels: Tensor,
+        cfg: float,
+        top_k: int,
+        top_p: float,
+        more_smooth: bool,
+        caches: list[KVCache] | list[StaticKVCache] | None,
+        noise: Callable[[int, int, int], Tensor],
+    ) -> tuple[list[Tensor], Tensor]:
+        """The scale loop of ``generate``; noise(si, n, stream) gives the (B, n) uniforms of scale si."""
         B, S = labels.shape[0], len(self.patch_nums)
         guided = cfg != 0
         all_labels = torch.cat((labels, torch.full_like(labels, self.num_classes))) if guided else labels
@@ -331,14 +419,13 @@ class VAR(nn.Module):
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC  # (1, L, C)
         first = sos.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start.expand(sos.shape[0], -1, -1)
         x = first + lvl_pos[:, : self.first_l]  # tokens of the current scale
-        caches = [KVCache() for _ in self.blocks] if kv_cache else None
         seen: list[Tensor] = []  # without a cache: the input tokens of every scale so far
         H = self.patch_nums[-1]
         f_hat = sos.new_zeros(B, tokenizer.cfg.z_channels, H, H, dtype=torch.float32)
         codes = []
         for si, pn in enumerate(self.patch_nums):
             ratio = si / (S - 1)
-            if kv_cache:
+            if caches is not None:
                 h = x
                 for block, cache in zip(self.blocks, caches, strict=True):
                     h = block(h, cond, None, cache)
@@ -353,13 +440,11 @@ class VAR(nn.Module):
                 t = cfg * ratio
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             logits = filter_top_k_top_p(logits, top_k, top_p)
-            idx = sample_from_probs(
-                logits.softmax(dim=-1), draw_uniform(generator, B, pn * pn, logits.device)
-            )
+            idx = sample_from_probs(logits.softmax(dim=-1), noise(si, pn * pn, 0))
             codes.append(idx)
             if more_smooth:
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                u = draw_uniform(generator, B, pn * pn * self.cfg.V, logits.device).view(logits.shape)
+                u = noise(si, pn * pn * self.cfg.V, 1).view(logits.shape)
                 emb = gumbel_softmax(logits.mul(1 + ratio), tau, u) @ tokenizer.quantize.embedding.weight
             else:
                 emb = tokenizer.quantize.embedding(idx)  # (B, pn², Cvae)
@@ -403,3 +488,38 @@ def gumbel_softmax(logits: Tensor, tau: float, u: Tensor) -> Tensor:
     """Soft gumbel-softmax sample from uniforms u (same shape as logits) instead of a hidden RNG."""
     gumbels = -(-u.clamp_min(torch.finfo(u.dtype).tiny).log()).log()
     return ((logits + gumbels) / tau).softmax(dim=-1)
+
+
+class FastDecoder:
+    """Static-shape VAR decoding of one batch shape and sampling setting: labels, noise and KV caches live in
+    buffers allocated once, and the whole scale loop (transformer, CFG ramp, top-k / top-p, categorical
+    draws, next-scale inputs) reads only those, without host synchronisation, so ``StepRunner`` captures it
+    as one CUDA graph whose replay returns the codes and f_hat."""
+
+    def __init__(self, model: VAR, tokenizer: VQVAE, key: tuple, draws: dict[tuple[int, int], Tensor]):
+        B, cfg, top_k, top_p, more_smooth, mode, _, _, device, _ = key
+        self.model, self.tokenizer, self.key = model, tokenizer, key
+        self.options = (cfg, top_k, top_p, more_smooth)
+        self.labels = torch.zeros(B, dtype=torch.long, device=device)
+        self.draws = {k: torch.zeros_like(u) for k, u in draws.items()}
+        self.caches = [StaticKVCache(model.L) for _ in model.blocks]
+        self.runner = StepRunner(device, mode)
+
+    def run(self, labels: Tensor, draws: dict[tuple[int, int], Tensor]) -> tuple[list[Tensor], Tensor]:
+        self.labels.copy_(labels)
+        for k, u in draws.items():
+            self.draws[k].copy_(u)
+        codes, f_hat = self.runner("scales", self._scales)
+        self.runner.log_capture(f"VAR batch {len(self.labels)}")
+        return [c.clone() for c in codes], f_hat.clone()
+
+    def _scales(self) -> tuple[list[Tensor], Tensor]:
+        for cache in self.caches:
+            cache.rewind()
+        return self.model._decode_scales(
+            self.tokenizer,
+            self.labels,
+            *self.options,
+            self.caches,
+            lambda si, n, stream: self.draws[si, stream],
+        )

@@ -1,10 +1,12 @@
-"""Per-sample seeding, one generated batch, and the official pixel conversions.
+"""Per-sample noise, the batches of a sampling job, and the official pixel conversions.
 
-Sample ``i`` of a run is class ``i // per_class`` and draws all its randomness from its own generator,
-seeded by a hash of ``(seed, i)``. The families' ``generate`` keeps row ``b``'s randomness inside
-``generator[b]`` and the decoder always runs on batches of one fixed size, so a sample's pixels do not depend
-on the batch it shares, the batch size, the number of processes or the point a job was resumed from.
-Hashing instead of ``seed * N + i`` keeps runs with different seeds from ever sharing a sample's noise.
+Sample ``i`` of a run is class ``i // per_class`` and draws all its randomness from a counter-based generator
+keyed by a hash of ``(seed, i)`` (``CounterRNG``: Philox4x32-10 of (key, step, lane) in integer tensor ops,
+bit-identical on CPU and GPU). Row ``b``'s noise depends on its key only and the decoder always runs on
+batches of one fixed size, so a sample's pixels do not depend on the batch it shares, the batch size, the
+number of processes or the point a job was resumed from (exactly so in float32 on CPU; on GPU kernels may
+round differently with the batch shape). Hashing instead of ``seed * N + i`` keeps runs with different
+seeds from ever sharing a sample's noise.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import torch.nn.functional as F
 
 from ccalign.families import Family
 from ccalign.io import sha256_bytes
+from ccalign.models.graphs import check_decode_mode
+from ccalign.models.sampling import CounterRNG
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODE_BATCH = 8  # rows per decoder call (see decode_fixed_batches): small enough for 384 px on any GPU
+DECODE = "graph"  # the families' decode mode for jobs: the fast path, CUDA graphs on GPU
 
 
 @dataclass(frozen=True)
@@ -36,18 +41,21 @@ class SampleSpec:
     guidance: float
     sampling: dict = field(default_factory=dict)
     resize_to: int | None = None  # resize decoded images to this side (bicubic), None keeps them
-    precision: str = "fp32"  # autocast dtype of the transformer during generation: fp32 | bf16 | fp16
+    precision: str = (
+        "fp32"  # fp32 | bf16 | fp16, applied as the family's official sampler does (CASTS_WEIGHTS)
+    )
     decode_batch: int = DECODE_BATCH  # the decoder always sees this many rows
     checkpoint_sha256: str = ""
     tokenizer_sha256: str = ""
+    noise: str = "philox4x32-10"  # the per-sample noise (shards made with other noise are never reused)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.per_class < 1:
             raise ValueError(
                 f"need num_classes >= 1 and per_class >= 1, got {self.num_classes}, {self.per_class}"
             )
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def num_samples(self) -> int:
@@ -64,14 +72,14 @@ class SampleSpec:
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """64-bit generator seed of sample ``index`` in a run seeded with ``seed``."""
+    """64-bit noise key of sample ``index`` in a run seeded with ``seed``."""
     digest = hashlib.blake2b(f"ccalign.sample:{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
-def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample (``draw_uniform`` moves the draws): the same noise on any device."""
-    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+def sample_noise(seed: int, indices: Sequence[int], device: torch.device | str) -> CounterRNG:
+    """Row b's noise keyed by ``sample_seed(seed, indices[b])``, evaluated on ``device``."""
+    return CounterRNG([sample_seed(seed, i) for i in indices], device)
 
 
 def to_uint8(family: Family, images: torch.Tensor, size: int | None = None) -> np.ndarray:
@@ -85,25 +93,68 @@ def to_uint8(family: Family, images: torch.Tensor, size: int | None = None) -> n
     return family.to_uint8(images).cpu().numpy()
 
 
-@torch.no_grad()
+class Sampler:
+    """The batches of one sampling job: the model is put in the spec's precision once (LlamaGen: weights cast
+    in place), and every batch runs the family's ``decode`` path (its buffers and CUDA graphs are kept on the
+    model for the next batch of the same shape).
+
+    ``sampler(indices, rows)`` -> pixels (B, H, W, 3) uint8 of samples ``indices``; with ``rows``, the batch
+    is padded to that many rows (copies of its first sample, dropped) so that every batch has the shape
+    the graphs were captured for (``captures``: whether this sampler's decode path captures any).
+    """
+
+    def __init__(self, family: Family, model, tokenizer, spec: SampleSpec, device, decode: str = DECODE):
+        check_decode_mode(decode)
+        self.family, self.model, self.tokenizer, self.spec = family, model, tokenizer, spec
+        self.device = torch.device(device)
+        dtype = PRECISIONS[spec.precision]
+        # as the family's official sampler: cast the weights (LlamaGen; decoding stays float32), or keep
+        # float32 weights and autocast generation and decoding (VAR)
+        self.autocast = None if family.casts_weights else dtype
+        if family.casts_weights:
+            model.to(dtype or torch.float32)
+        self.decode = decode if spec.sampling.get("kv_cache", True) else "reference"  # fast needs the cache
+        self.captures = self.device.type == "cuda" and self.decode in ("graph", "compile")
+
+    @torch.no_grad()
+    def __call__(self, indices: Sequence[int], rows: int | None = None) -> np.ndarray:
+        with self.precision():
+            codes = self.codes(indices, rows)  # (n, T)
+            images = decode_fixed_batches(
+                self.family, self.tokenizer, codes, self.spec.decode_batch
+            )  # [-1, 1]
+        return to_uint8(self.family, images, self.spec.resize_to)
+
+    @torch.no_grad()
+    def codes(self, indices: Sequence[int], rows: int | None = None) -> torch.Tensor:
+        """The token codes (n, T) of samples ``indices`` (the generation half of a call)."""
+        spec, n = self.spec, len(indices)
+        indices = list(indices) + [indices[0]] * max(0, (rows or n) - n)
+        labels = torch.tensor([i // spec.per_class for i in indices], device=self.device)  # (B,)
+        with self.precision():
+            codes = self.family.generate(
+                self.model,
+                self.tokenizer,
+                labels,
+                guidance=spec.guidance,
+                sampling=dict(spec.sampling),
+                generator=sample_noise(spec.seed, indices, self.device),
+                decode=self.decode,
+            )
+        return codes[:n]
+
+    def precision(self) -> torch.autocast:
+        """The family's autocast context (disabled where the weights were cast instead). Its weight cache
+        cannot live across CUDA graph captures; without it the numerics are the same."""
+        dtype = self.autocast
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
+
+
 def generate_batch(
-    family: Family, model, tokenizer, spec: SampleSpec, indices: Sequence[int], device: torch.device | str
+    family: Family, model, tokenizer, spec: SampleSpec, indices: Sequence[int], device, decode: str = DECODE
 ) -> np.ndarray:
     """Pixels (B,H,W,3) uint8 of samples ``indices``; each row depends only on (spec, its index)."""
-    labels = torch.tensor([i // spec.per_class for i in indices], device=device)  # (B,)
-    generators = sample_generators(spec.seed, indices)
-    dtype = _PRECISIONS[spec.precision]
-    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-        codes = family.generate(
-            model,
-            tokenizer,
-            labels,
-            guidance=spec.guidance,
-            sampling=dict(spec.sampling),
-            generator=generators,
-        )  # (B, T)
-    images = decode_fixed_batches(family, tokenizer, codes, spec.decode_batch)  # (B, 3, H, W) in [-1, 1]
-    return to_uint8(family, images, spec.resize_to)
+    return Sampler(family, model, tokenizer, spec, device, decode)(indices)
 
 
 def decode_fixed_batches(family: Family, tokenizer, codes: torch.Tensor, rows: int) -> torch.Tensor:
