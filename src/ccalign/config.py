@@ -203,6 +203,9 @@ def _check_references(cfg: dict) -> str | None:
                     return f"targets.{target}.sets.{i}.variant: model {model!r} has no variant {named!r}"
                 if "cfg" in s["guidance"] and "cfg_scale" not in m:
                     return f"targets.{target}.sets.{i}.guidance: 'cfg' but models.{model} has no cfg_scale"
+    used = {m for t in cfg["targets"].values() for m in t.get("models", models)}
+    if idle := sorted(set(models) - used):
+        return f"models {idle}: no target uses them (add them to a target's models, or remove them)"
     for name, m in models.items():
         for i, row in enumerate(m.get("paper") or []):
             if row["variant"] != "base" and row["variant"] not in (m.get("variants") or {}):
@@ -250,7 +253,7 @@ def _blame(path: Sequence, source: str, overrides: Sequence[str]) -> str:
         key = item.partition("=")[0].split(".")
         n = min(len(key), len(target))
         if key[:n] == target[:n]:
-            return f"--set {item}"
+            return f"--set {item!r}"
     return source
 
 
