@@ -12,7 +12,6 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
     from ccalign.models.sampling import Noise
