@@ -77,6 +77,9 @@ class LlamaGenFamily:
         return loss, metrics
 
     # -- codes
+    def codebook_size(self, tokenizer: VQModel) -> int:
+        return tokenizer.args.codebook_size
+
     def encode(self, tokenizer: VQModel, images: torch.Tensor) -> torch.Tensor:
         return tokenizer.encode(images)
 

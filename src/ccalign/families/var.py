@@ -99,6 +99,9 @@ class VARFamily:
         return tokenizer_loss(tokenizer, images)
 
     # -- codes
+    def codebook_size(self, tokenizer: VQVAE) -> int:
+        return tokenizer.cfg.vocab_size
+
     def encode(self, tokenizer: VQVAE, images: Tensor) -> Tensor:
         import torch
 

@@ -99,7 +99,7 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
         views=view_spec(cfg, args.tokenizer_name),
         shard_size=settings["shard_size"],
         family=family.name,
-        vocab_size=tokenizer.state_dict()["quantize.embedding.weight"].shape[0],  # both families' key
+        vocab_size=family.codebook_size(tokenizer),
         tokenizer={"name": args.tokenizer_name, "sha256": sha256_file(args.tokenizer), "args": tcfg["args"]},
     )
     shards = select_shards(plan.num_shards, args.shard, rank, world_size)
