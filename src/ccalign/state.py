@@ -17,6 +17,7 @@ nothing to do (it reruns a job only for changed files, params or code it has rec
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,9 +51,18 @@ def commit_to_dvc(plan: Plan, root: Path = Path()) -> bool:
     if not stages:
         return False
     dvc = shutil.which("dvc") or "dvc"
+    # DVC may put a copy from its cache in place of an output; its modification time must stay what Snakemake
+    # saw, or every job downstream would look out of date
+    files = [
+        p for j in plan.jobs() if j.name in stages for out in j.outputs.values() for p in _files(root / out)
+    ]
+    times = {p: p.stat().st_mtime_ns for p in files}
     done = subprocess.run(
         [dvc, "commit", "--force", "--quiet", *stages], cwd=root, capture_output=True, text=True
     )
+    for p, mtime in times.items():
+        if p.exists():
+            os.utime(p, ns=(mtime, mtime))
     if done.returncode != 0:
         log.warning(
             "dvc commit failed (%s); run `dvc commit --force` to record the outputs", done.stderr.strip()
@@ -60,6 +70,10 @@ def commit_to_dvc(plan: Plan, root: Path = Path()) -> bool:
         return False
     log.info("DVC: %d stages recorded in dvc.lock and the cache", len(stages))
     return True
+
+
+def _files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
 
 
 def after_invocation(plan: Plan, group: str, succeeded: bool) -> None:

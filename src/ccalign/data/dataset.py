@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from ccalign.data.cache import load_manifest, scan_shard, shard_files
 from ccalign.data.folder import list_image_folder
 from ccalign.data.views import ViewSpec, random_view, to_model_input
+from ccalign.device import world
+from ccalign.io import sha256_file
 
 
 class CodeDataset(Dataset):
@@ -36,13 +38,18 @@ class CodeDataset(Dataset):
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
         if verify:
-            self.verify(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+            self.verify(*world())
         counts = [s["count"] for s in self.manifest["shards"]]
         self._starts = np.cumsum([0] + counts)  # image index where each shard starts
         self._codes: list[np.ndarray] | None = None
         self._labels: list[np.ndarray] | None = None
         self.seed = seed
         self.set_epoch(epoch)
+
+    @property
+    def manifest_sha256(self) -> str:
+        """The identity of the cache: the sha256 of its manifest, which records every shard's hash."""
+        return sha256_file(self.cache_dir / "manifest.json")
 
     # manifest fields the training loop needs
     @property

@@ -91,6 +91,7 @@ def run_stage(
     # one job per output: its rank 0 holds the lock (a second job stops, naming the holder)
     lock = output_lock(out) if world()[0] == 0 else contextlib.nullcontext()
     with lock, stage_run(cfg, stage, labels, params=params, inputs=inputs) as run:
+        run.log_input(f"code cache {Path(cache_dir).name}", dataset.manifest_sha256, str(cache_dir))
         return train(
             family,
             model,
