@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from ccalign.config import ConfigError, load_config
+from ccalign.device import world
 from ccalign.errors import describe
 from ccalign.log import get_logger
 from ccalign.pipeline import Stage, stages
@@ -90,7 +90,7 @@ def run_stage(spec: Stage, args: argparse.Namespace) -> None:
     files = args.config or [DEFAULT_CONFIG]
     cfg = load_config(files, args.overrides)
     spec.main(cfg, args)
-    if args.record and int(os.environ.get("RANK", "0")) == 0:
+    if args.record and world()[0] == 0:
         from ccalign.record import write_record
 
         write_record(args.record, spec, cfg, files, args.overrides, args.labels)
