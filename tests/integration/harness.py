@@ -90,12 +90,16 @@ def snakemake(*args: str) -> list[str]:
 
 
 def read_summary(ws: Path) -> list[dict[str, str]]:
-    """Rows of data/report/summary.csv under the smoke config's data root."""
+    """Rows of every target's summary.csv (data/report/<target>/) under the smoke config's data root, each
+    sample set once."""
     cfg = yaml.safe_load((ws / SMOKE).read_text())
-    path = ws / cfg.get("data_root", "data") / "report" / "summary.csv"
-    assert path.is_file(), f"no {path}"
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    paths = sorted((ws / cfg.get("data_root", "data") / "report").glob("*/summary.csv"))
+    assert paths, f"no report under {ws}"
+    rows = {}
+    for path in paths:
+        with open(path, newline="") as fh:
+            rows |= {(r["model"], r["seed"], r["variant"], r["guidance"]): r for r in csv.DictReader(fh)}
+    return list(rows.values())
 
 
 def apt_install(package: str, *binaries: str) -> str:

@@ -71,12 +71,15 @@ def test_metrics_and_artifacts_match_the_files(smoke_run):
     fids = sorted(r["metrics"]["fid"] for r in runs if r["tags"].get("stage") == "evaluate")
     assert fids == pytest.approx(sorted(float(row["fid"]) for row in summary), rel=1e-6)
 
-    # The report run holds summary.csv, byte for byte, downloadable through the server.
-    (report,) = [r for r in runs if r["tags"].get("stage") == "report"]
-    files = list_artifacts(uri, report["info"]["run_id"])
-    csv_path = next(f for f in files if f.endswith("summary.csv"))
-    local = ws / load_config(ws / SMOKE)["data_root"] / "report" / "summary.csv"
-    assert get_artifact(uri, report["info"]["run_id"], csv_path) == local.read_bytes()
+    # Each report run holds its target's summary.csv, byte for byte, downloadable through the server.
+    reports = [r for r in runs if r["tags"].get("stage") == "report"]
+    cfg = load_config(ws / SMOKE)
+    assert {r["tags"]["target"] for r in reports} == set(cfg["targets"])
+    for report in reports:
+        files = list_artifacts(uri, report["info"]["run_id"])
+        csv_path = next(f for f in files if f.endswith("summary.csv"))
+        local = ws / cfg["data_root"] / "report" / report["tags"]["target"] / "summary.csv"
+        assert get_artifact(uri, report["info"]["run_id"], csv_path) == local.read_bytes()
 
 
 def test_server_outage_mid_run_loses_no_records(mlflow_server_factory, tmp_path, artifacts_dir):
