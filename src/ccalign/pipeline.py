@@ -21,7 +21,7 @@ import json
 import pkgutil
 import shlex
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -357,6 +357,21 @@ class Plan:
         """(variant, guidance) of every sample set of ``model`` any target needs, each once."""
         points = [(v, g) for t in self.targets for m, v, g in self.target_sets(t) if m == model]
         return list(dict.fromkeys(points))
+
+    def sample_set(self, model: str, seed: int, variant: Variant, guidance: float) -> tuple[dict, dict]:
+        """(wildcards, labels) of one sample set: a variant of a model at a guidance scale, for a seed."""
+        family = self.cfg["models"][model]["family"]
+        wildcards = {"family": family, "model": model, "seed": seed, "variant": variant.name}
+        labels = {"family": family, "model": model, "seed": seed, **variant.labels()}
+        return wildcards | {"guidance": fmt(guidance)}, labels | {"guidance": fmt(guidance)}
+
+    def sample_sets(self) -> Iterator[tuple[dict, dict, str]]:
+        """(wildcards, labels, checkpoint) of every sample set the targets need, for every training seed."""
+        for model in self.cfg["models"]:
+            for seed in self.cfg["seeds"]:
+                for variant, g in self.sample_points(model):
+                    wildcards, labels = self.sample_set(model, seed, variant, g)
+                    yield wildcards, labels, self.model_ckpt(model, seed, variant)
 
     def finetune_runs(self, model: str) -> list[Variant]:
         """Every fine-tuning run of ``model`` the sample sets need."""

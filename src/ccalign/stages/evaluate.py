@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ccalign.pipeline import Job, Plan, Stage
-from ccalign.stages.sample import points
 
 HELP = "FID/sFID/IS/Precision/Recall of a samples.npz against a reference batch (ADM protocol)"
 
@@ -29,7 +28,7 @@ def jobs(plan: Plan) -> Iterator[Job]:
     elif ev["inception_weights"] in plan.manifest:  # fetched: a product of the fetch stage
         extractor = ["--inception-weights", plan.weights_file(ev["inception_weights"])]
         ref_inputs = {**ref_inputs, "inception": extractor[1]}
-    for wildcards, labels, _ in points(plan):
+    for wildcards, labels, _ in plan.sample_sets():
         samples = plan.path("sample", **wildcards)
         flags = ["--samples", samples, "--reference", ref, *extractor]
         flags += ["--out", plan.path("evaluate", **wildcards)]

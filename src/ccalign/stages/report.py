@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ccalign.pipeline import Job, Plan, Stage
-from ccalign.stages.sample import sample_set
 
 HELP = "one target's report (a table or figure of the paper): tables beside the paper, FID–IS plot, grids"
 
@@ -24,7 +23,7 @@ def jobs(plan: Plan) -> Iterator[Job]:
         metrics, grids = [], []
         for model, variant, g in plan.target_sets(target):
             for seed in plan.cfg["seeds"]:
-                wildcards, _ = sample_set(plan, model, seed, variant, g)
+                wildcards, _ = plan.sample_set(model, seed, variant, g)
                 metrics.append(plan.path("evaluate", **wildcards))
                 if seed == first_seed:
                     grids.append(plan.path("sample", "grid", **wildcards))

@@ -14,38 +14,15 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
-from ccalign.pipeline import Job, Plan, Stage, Variant, fmt
+from ccalign.pipeline import Job, Plan, Stage
 
 HELP = "generate per_class samples of every class (resumable shards, any world size) into one samples.npz"
 GRID = 8  # the sample grid is GRID classes × GRID samples
 GENERIC = ("per_class", "batch_size", "shard_size", "seed", "precision", "resize_to")  # not family options
 
 
-def sample_set(plan: Plan, model: str, seed: int, variant: Variant, guidance: float) -> tuple[dict, dict]:
-    """(wildcards, labels) of one sample set: a variant of a model at a guidance scale, for a seed."""
-    family = plan.cfg["models"][model]["family"]
-    wildcards = {
-        "family": family,
-        "model": model,
-        "seed": seed,
-        "variant": variant.name,
-        "guidance": fmt(guidance),
-    }
-    labels = {"family": family, "model": model, "seed": seed, **variant.labels(), "guidance": fmt(guidance)}
-    return wildcards, labels
-
-
-def points(plan: Plan) -> Iterator[tuple[dict, dict, str]]:
-    """(wildcards, labels, checkpoint) of every sample set the targets need (evaluate has the same)."""
-    for model in plan.cfg["models"]:
-        for seed in plan.cfg["seeds"]:
-            for variant, g in plan.sample_points(model):
-                wildcards, labels = sample_set(plan, model, seed, variant, g)
-                yield wildcards, labels, plan.model_ckpt(model, seed, variant)
-
-
 def jobs(plan: Plan) -> Iterator[Job]:
-    for wildcards, labels, ckpt in points(plan):
+    for wildcards, labels, ckpt in plan.sample_sets():
         model = wildcards["model"]
         tokenizer = plan.tokenizer_ckpt(plan.cfg["models"][model]["tokenizer"])
         out = plan.path("sample", **wildcards)
