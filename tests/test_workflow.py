@@ -300,3 +300,16 @@ def test_plan_command_prints_the_jobs_and_dvc_yaml():
     lines = out.stdout.splitlines()
     assert len(lines) == len(plan_of("config/smoke.yaml").jobs())
     assert all(shlex.split(line.split(": ", 1)[1])[0] in ("ccalign", "torchrun") for line in lines)
+
+
+def test_a_job_gets_only_the_overrides_it_reads():
+    """A --config value changes the command (a Snakemake param) of the jobs that read it, and no other."""
+    plan = snakemake_plan(["config/smoke.yaml"], {"sample": {"per_class": "3"}, "experiment": "x"})
+    by_stage: dict[str, set[tuple[str, ...]]] = {}
+    for job in plan.jobs():
+        sets = tuple(job.args[i + 1] for i, a in enumerate(job.args) if a == "--set")
+        by_stage.setdefault(job.stage.name, set()).add(sets)
+    assert by_stage["sample"] == {("sample.per_class=3", "experiment=x")}
+    assert (
+        by_stage["pretrain"] == by_stage["evaluate"] == {("experiment=x",)}
+    )  # MLflow's experiment: every job

@@ -248,9 +248,23 @@ def code_version(files: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def job_params(spec: Stage, labels: dict[str, str]) -> list[str]:
-    """The config keys a job of ``spec`` reads, for its model / tokenizer."""
-    return [p.format(model=labels.get("model"), tokenizer=labels.get("tokenizer")) for p in spec.params]
+GLOBAL_KEYS = ("data_root", "experiment", "tracking")  # every job reads them (paths, MLflow)
+
+
+def job_params(spec: Stage, labels: dict[str, str], cfg: dict) -> list[str]:
+    """The config keys a job of ``spec`` reads, for its model and tokenizer."""
+    model = labels.get("model")
+    tokenizer = labels.get("tokenizer") or (cfg["models"][model]["tokenizer"] if model else None)
+    return [p.format(model=model, tokenizer=tokenizer) for p in spec.params]
+
+
+def reads(params: Sequence[str], override: str) -> bool:
+    """Whether a job reading ``params`` reads the key an override ``key=value`` sets (or a key inside it).
+    A top-level section (``finetune.lr``) is read by the jobs that read it, the models' own merged from it."""
+    key = override.partition("=")[0].split(".")
+    if key[0] in GLOBAL_KEYS:
+        return True
+    return any(key[: len(p.split("."))] == p.split(".")[: len(key)] for p in params)
 
 
 def job_code(spec: Stage, labels: dict[str, str]) -> list[str]:
@@ -403,7 +417,10 @@ class Plan:
         }
         outputs["record"] = record_path(outputs[next(iter(spec.outputs))])
         resources = self.resources(stage, model)
-        sets = [x for o in self.overrides for x in ("--set", o)]
+        params = job_params(spec, labels, self.cfg)
+        # only the overrides the job reads: a value it does not read must not change its command (Snakemake
+        # reruns a job whose params change, and the command is one of them)
+        sets = [x for o in self.overrides if reads(params, o) for x in ("--set", o)]
         configs = [x for f in self.configfiles for x in ("--config", f)]
         args = ["ccalign", spec.command, *configs, *sets, "--labels", labels_arg(labels)]
         args += ["--record", outputs["record"], *flags]
@@ -414,7 +431,7 @@ class Plan:
             inputs=dict(inputs),
             outputs=outputs,
             args=launch(args, resources),
-            params=job_params(spec, labels),
+            params=params,
             resources=resources,
             code=job_code(spec, labels),
         )

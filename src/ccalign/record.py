@@ -28,7 +28,7 @@ def write_record(
             "stage": spec.name,
             "labels": labels,
             "config": {"files": list(files), "overrides": list(overrides)},
-            "values": {key: lookup(cfg, key) for key in job_params(spec, labels)},
+            "values": {key: lookup(cfg, key) for key in job_params(spec, labels, cfg)},
             "code": code_version(job_code(spec, labels)),
         },
         path,

@@ -81,6 +81,6 @@ SPEC = Stage(
     jobs=jobs,
     add_arguments=add_arguments,
     main=main,
-    params=("finetune", "models.{model}.args", "models.{model}.finetune"),
+    params=("finetune", "models.{model}.args", "models.{model}.finetune", "tokenizers.{tokenizer}"),
     persist=True,
 )

@@ -58,6 +58,6 @@ SPEC = Stage(
     jobs=jobs,
     add_arguments=add_arguments,
     main=main,
-    params=("pretrain", "models.{model}.args", "models.{model}.pretrain"),
+    params=("pretrain", "models.{model}.args", "models.{model}.pretrain", "tokenizers.{tokenizer}"),
     persist=True,
 )

@@ -204,6 +204,6 @@ SPEC = Stage(
     jobs=jobs,
     add_arguments=add_arguments,
     main=main,
-    params=("sample", "models.{model}.args", "models.{model}.sample"),
+    params=("sample", "models.{model}.args", "models.{model}.sample", "tokenizers.{tokenizer}"),
     persist=True,
 )
