@@ -1,4 +1,5 @@
-"""The MLflow UI in headless Chromium lists the smoke DAG's runs; the screenshot is kept as an artifact."""
+"""The MLflow UI in headless Chromium: the smoke DAG's invocation run with its job runs as children; the
+screenshot is kept as an artifact."""
 
 from __future__ import annotations
 
@@ -33,21 +34,44 @@ def chromium(browser: str, profile: Path, url: str, *args: str) -> str:
     return p.stdout
 
 
-def test_experiment_page_lists_the_smoke_runs(smoke_run, tmp_path, artifacts_dir):
+def test_the_ui_shows_the_invocation_with_its_job_runs(smoke_run, tmp_path, artifacts_dir):
+    """Experiment page: the invocation's parent run (its job runs nested under it); the parent's page: every
+    job run as a child; a job run's page: its parent and its metrics."""
     browser = apt_install("chromium", "chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
     uri = smoke_run.server.uri
     exp = experiment_id(uri, load_config(smoke_run.ws / SMOKE).get("experiment", "ccalign"))
     runs = search_runs(uri, exp)
-    names = {r["info"]["run_name"] for r in runs}
-    url = f"{uri}/#/experiments/{exp}/runs"
+    (parent,) = [r for r in runs if r["tags"].get("ccalign.role") == "invocation"]
+    children = [r for r in runs if r is not parent]
+    base = f"{uri}/#/experiments/{exp}/runs"
 
-    # A window tall enough that the runs table renders every row (it only draws the visible ones).
-    dom = chromium(browser, tmp_path / "profile-dom", url, "--window-size=1600,4000", "--dump-dom")
-    assert "Training runs" in dom or "Runs" in dom, dom[:2000]
-    assert not [n for n in names if n not in dom], f"runs missing from the page; have {sorted(names)}"
+    # A window tall enough that the tables render every row (they only draw the visible ones).
+    dom = chromium(browser, tmp_path / "profile-dom", base, "--window-size=1600,4000", "--dump-dom")
+    assert parent["info"]["run_name"] in dom, dom[:2000]
     assert re.search(rf"<strong>{len(runs)}</strong>\s*matching runs", dom), "run count not shown"
+
+    page = chromium(
+        browser,
+        tmp_path / "profile-parent",
+        f"{base}/{parent['info']['run_id']}",
+        "--window-size=1600,6000",
+        "--dump-dom",
+    )
+    assert "Child runs" in page
+    missing = [r["info"]["run_name"] for r in children if r["info"]["run_name"] not in page]
+    assert not missing, f"child runs missing from the parent's page: {missing[:5]}"
+
+    evaluate = next(r for r in children if r["tags"].get("stage") == "evaluate")
+    page = chromium(
+        browser,
+        tmp_path / "profile-child",
+        f"{base}/{evaluate['info']['run_id']}",
+        "--window-size=1600,4000",
+        "--dump-dom",
+    )
+    assert "Parent run" in page and parent["info"]["run_name"] in page and "fid" in page
 
     shot = artifacts_dir / "mlflow_ui_runs.png"
     shot.unlink(missing_ok=True)
-    chromium(browser, tmp_path / "profile-png", url, "--window-size=1600,1000", f"--screenshot={shot}")
+    chromium(browser, tmp_path / "profile-png", base, "--window-size=1600,1000", f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
