@@ -98,6 +98,17 @@ def read_summary(ws: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+# Timing columns differ between runs; everything else is a function of the config and its seeds.
+TIMING = {"images_per_s"}
+
+
+def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """summary.csv rows without the timing columns, in a fixed order."""
+    return sorted(
+        ({k: v for k, v in r.items() if k not in TIMING} for r in rows), key=lambda r: sorted(r.items())
+    )
+
+
 def apt_install(package: str, *binaries: str) -> str:
     """The first of ``binaries`` on PATH, else install Debian's ``package``; skip when it cannot be."""
 

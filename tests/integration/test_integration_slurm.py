@@ -16,6 +16,7 @@ from harness import (
     SMOKE,
     VENV_BIN,
     base_env,
+    comparable,
     copy_repo,
     experiment_id,
     job_counts,
@@ -58,16 +59,6 @@ def slurm_test_profile(ws: Path, partition: str) -> Path:
     dest.mkdir(parents=True)
     (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return dest
-
-
-# Timing columns differ between runs; everything else is a function of the config and its seeds.
-TIMING = {"images_per_s"}
-
-
-def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return sorted(
-        ({k: v for k, v in r.items() if k not in TIMING} for r in rows), key=lambda r: sorted(r.items())
-    )
 
 
 def test_smoke_dag_on_slurm_matches_local_run(
@@ -175,6 +166,7 @@ def test_paper_finetune_jobs_request_gpus_the_plugin_way(tmp_path, artifacts_dir
         assert not any(a.startswith("--ntasks-per-gpu") for a in argv), argv  # torchrun spawns per-GPU ranks
         assert opts.get("--mem") == str(res["mem_mb"]) and opts.get("-t") == str(res["runtime"]), argv
         assert "--executor slurm-jobstep" in wrap, wrap
+        assert "--requeue" in argv, argv  # a preempted job goes back to the queue (profile: slurm-requeue)
     assert len({re.search(r"model=(\w+)", _options(a)["--wrap"]).group(1) for a in calls}) == len(jobs)
 
 
