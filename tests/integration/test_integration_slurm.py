@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from harness import (
     HERE,
     SMOKE,
@@ -24,6 +23,7 @@ from harness import (
     read_summary,
     run,
     search_runs,
+    slurm_test_profile,
     snakemake,
     tail,
 )
@@ -43,22 +43,6 @@ def test_sbatch_wrap_job_runs_with_its_resources(slurm_cluster, tmp_path):
     assert out.read_text().split() == [f"job={job}", "cpus=1", "mem=100"]
     info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info
-
-
-def slurm_test_profile(ws: Path, partition: str) -> Path:
-    """workflow/profiles/slurm with slurm_overlay.yaml on top, written into the workspace."""
-    profile = yaml.safe_load((ws / "workflow/profiles/slurm/config.yaml").read_text())
-    overlay = yaml.safe_load((HERE / "slurm_overlay.yaml").read_text())
-    for key, value in overlay.items():
-        if isinstance(value, dict):
-            profile[key] = {**profile.get(key, {}), **value}
-        else:
-            profile[key] = value
-    profile["default-resources"]["slurm_partition"] = partition
-    dest = ws / "profiles-test" / "slurm"
-    dest.mkdir(parents=True)
-    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
-    return dest
 
 
 def test_smoke_dag_on_slurm_matches_local_run(

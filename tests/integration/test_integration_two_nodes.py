@@ -6,10 +6,12 @@ with the c10d rendezvous on the job's first node, one process per node without G
 settings are the paper XXL/3B models' (``resources.finetune.nodes: 2``, ``finetune.fsdp: true``) on the
 smoke config's tiny LlamaGen: FSDP over gloo between the two namespaces.
 
-1. The two-node job produces the same weights as one process with the same global batch.
-2. Killing the worker of the second node mid-run fails the job; Slurm requeues it (as it does a preempted
-   job of the Slurm profile, which submits with --requeue; a failed job is resubmitted by Snakemake's
-   ``retries`` instead) and the rerun resumes from the last checkpoint to the same weights.
+- The plan's command as a two-node batch job gives the same weights as one process with the same global
+  batch. Killing the second node's worker mid-run fails the job; Slurm requeues it (as it does a preempted
+  job of the Slurm profile, which submits with --requeue; a failed job is resubmitted by Snakemake's
+  ``retries`` instead) and the rerun resumes from the last checkpoint to the same weights.
+- The same job through the README's Slurm command (ccalign-dag, the Slurm profile, the executor plugin and
+  its jobstep) runs on both nodes to the same weights.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from harness import SMOKE, base_env, copy_repo, keep_one_family, run, tail
+from harness import SMOKE, base_env, copy_repo, keep_one_family, run, slurm_test_profile, tail
 
 from ccalign.config import load_config
 from ccalign.workflow import Plan, join_args
@@ -127,17 +131,14 @@ def assert_same_weights(got: Path, want: Path, base: Path) -> None:
     assert moved > 1e-2, f"fine-tuning barely moved the weights ({moved}): the comparison would be empty"
 
 
-def test_fsdp_on_two_nodes_matches_one_process_and_resumes_after_a_killed_worker(
-    slurm_two_nodes, smoke_run, tmp_path, artifacts_dir
-):
-    ws = copy_repo(tmp_path / "repo")
+@pytest.fixture(scope="module")
+def prepared(smoke_run, tmp_path_factory, artifacts_dir) -> SimpleNamespace:
+    """A workspace with the two-node config, the smoke run's inputs and the one-process weights."""
+    ws = copy_repo(tmp_path_factory.mktemp("two-nodes") / "repo")
     cfg = write_config(ws)
     job = finetune_job(cfg)
-    assert job.args[:3] == ["srun", "--overlap", "--ntasks-per-node=1"] and "--nnodes=2" in job.args, job.args
+    assert job.args[0] == "srun" and "--nnodes=2" in job.args, job.args
     env = base_env(OMP_NUM_THREADS="1")
-    out = ws / job.output
-    t0 = time.monotonic()
-
     # inputs (tokenizer, code cache, base model): the smoke run's (the overlay changes only fine-tuning)
     for name, path in job.inputs.items():
         src = smoke_run.ws / path
@@ -152,13 +153,26 @@ def test_fsdp_on_two_nodes_matches_one_process_and_resumes_after_a_killed_worker
     single_cfg["models"][MODEL]["resources"]["finetune"]["nodes"] = 1
     single = finetune_job(single_cfg).args
     assert single[:2] == ["ccalign", "finetune"], single  # no launcher for one node without GPUs
-    reference = tmp_path / "one-process" / "model.pt"
+    reference = ws.parent / "one-process" / "model.pt"
     single[single.index("--out") + 1] = str(reference)
-    run(single, ws, env, artifacts_dir / "two_nodes_one_process.log")
-    base = ws / job.inputs["base"]
-    print(f"one-process run: {time.monotonic() - t0:.0f} s")
+    p = run(single, ws, env, artifacts_dir / "two_nodes_one_process.log")
+    print(f"one-process run: {p.seconds:.0f} s")
+    return SimpleNamespace(ws=ws, job=job, env=env, reference=reference, base=ws / job.inputs["base"])
 
-    cluster = Cluster(slurm_two_nodes, ws, env)
+
+def fresh_output(job, ws: Path) -> Path:
+    """The job's output path, with every trace of an earlier run there removed."""
+    out = ws / job.output
+    for f in (out, out.with_suffix(".json")):
+        f.unlink(missing_ok=True)
+    shutil.rmtree(out.parent / f"{out.stem}_state", ignore_errors=True)
+    return out
+
+
+def test_fsdp_on_two_nodes_matches_one_process_and_resumes_after_a_killed_worker(slurm_two_nodes, prepared):
+    ws, job = prepared.ws, prepared.job
+    out = fresh_output(job, ws)
+    cluster = Cluster(slurm_two_nodes, ws, prepared.env)
     script = ws / "finetune.sbatch"
     script.write_text(f"#!/bin/bash\nset -euo pipefail\n{join_args(job.args)}\n")
     res = job.resources
@@ -176,16 +190,13 @@ def test_fsdp_on_two_nodes_matches_one_process_and_resumes_after_a_killed_worker
     first = cluster(*sbatch, "-o", str(ws / "slurm-%j.out"), str(script))
     assert cluster.wait(first) == "COMPLETED", tail(ws / f"slurm-{first}.out")
     text = (ws / f"slurm-{first}.out").read_text()
-    assert f"{STEPS} steps" in text and "= 2 processes × 1 micro-batches × 8" in text, tail(
-        ws / f"slurm-{first}.out"
-    )
+    assert f"{STEPS} steps" in text and "= 2 processes × 1 micro-batches × 8" in text, text[-3000:]
     assert cluster("squeue", "-h", "-t", "all", "-j", first, "-o", "%N") == "node[1-2]"
-    assert_same_weights(out, reference, base)
+    assert_same_weights(out, prepared.reference, prepared.base)
     print(f"two-node run: {time.monotonic() - t1:.0f} s")
 
     # 2. the second node's worker killed after a checkpoint: the job fails; requeued, it resumes
-    for f in (out, out.with_suffix(".json")):
-        f.unlink()
+    out = fresh_output(job, ws)
     t2 = time.monotonic()
     second = cluster(*sbatch, "-o", str(ws / "slurm-%j.out"), str(script))
     checkpoint = out.parent / f"{out.stem}_state" / "last.pt"
@@ -205,5 +216,22 @@ def test_fsdp_on_two_nodes_matches_one_process_and_resumes_after_a_killed_worker
     text = (ws / f"slurm-{second}.out").read_text()
     resumed = {int(s) for s in re.findall(r"resuming from \S+ at step (\d+)", text)}
     assert len(resumed) == 1 and 0 < min(resumed) < STEPS, tail(ws / f"slurm-{second}.out")
-    assert_same_weights(out, reference, base)
+    assert_same_weights(out, prepared.reference, prepared.base)
     print(f"killed worker, requeued, resumed at step {min(resumed)}: {time.monotonic() - t2:.0f} s")
+
+
+def test_finetune_job_through_the_slurm_profile_runs_on_both_nodes(slurm_two_nodes, prepared, artifacts_dir):
+    ws, job = prepared.ws, prepared.job
+    out = fresh_output(job, ws)
+    profile = slurm_test_profile(ws, slurm_two_nodes.partition)
+    cmd = [sys.executable, "-m", "ccalign.dag", job.output, "--profile", str(profile), "--configfile", CONFIG]
+    log = artifacts_dir / "two_nodes_snakemake.log"
+    # Snakemake runs where the clients do: the cluster's login namespace
+    p = run([*slurm_two_nodes.client, *cmd], ws, {**prepared.env, **slurm_two_nodes.names}, log, timeout=900)
+    (submitted,) = re.findall(r"has been submitted with SLURM jobid (\d+)", log.read_text())
+    cluster = Cluster(slurm_two_nodes, ws, prepared.env)
+    assert cluster("squeue", "-h", "-t", "all", "-j", submitted, "-o", "%T %N") == "COMPLETED node[1-2]"
+    (job_log,) = (ws / "data" / "logs" / "finetune").rglob("*.log")
+    assert "= 2 processes × 1 micro-batches × 8" in job_log.read_text(), tail(job_log)
+    assert_same_weights(out, prepared.reference, prepared.base)
+    print(f"through ccalign-dag and the Slurm profile: {p.seconds:.0f} s")
