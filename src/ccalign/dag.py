@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 LOCK_FILE = "ccalign-dag.lock"  # in .snakemake/: flock held by the running Snakemake, JSON record inside
 ENV_DIR = "CCALIGN_DAG_DIR"  # exported to Snakemake and so to every job it starts: marks them as ours
@@ -140,8 +141,8 @@ def _describe(rec: dict) -> str:
     return f"pid {rec.get('pid', '?')} on {rec.get('host', '?')}, started {rec.get('started', '?')}"
 
 
-def prepare(args: list[str]):
-    """Check that no other run is alive, remove a stale Snakemake lock; the held lock file, for exec.
+def prepare(args: list[str]) -> tuple[IO[str], Path]:
+    """Check that no other run is alive and remove a stale Snakemake lock: (held lock file, working dir).
 
     Raises :class:`Refused` when another run is alive.
     """
@@ -163,9 +164,22 @@ def prepare(args: list[str]):
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         print(f"ccalign-dag: {state} does not support flock; checking processes only", file=sys.stderr)
-    previous = _record(fh)
-    host = socket.gethostname()
+    try:
+        _check_and_unlock(root, previous=_record(fh))
+    except Refused:
+        fh.close()
+        raise
+    fh.seek(0)
+    fh.truncate()
+    rec = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    fh.write(json.dumps({**rec, "argv": args}))
+    fh.flush()
+    return fh, root
 
+
+def _check_and_unlock(root: Path, previous: dict) -> None:
+    """Refuse while a process, job or Slurm job of another run is alive; else remove Snakemake's lock."""
+    host = socket.gethostname()
     mains, jobs = live_processes(root)
     if mains:
         raise Refused(
@@ -188,7 +202,7 @@ def prepare(args: list[str]):
             "Either a run on another host is live (leave it), or they belong to a killed run: cancel them "
             f"(scancel {' '.join(queued)}); the stages resume from their checkpoints when rerun."
         )
-    locks = state / "locks"
+    locks = root / ".snakemake" / "locks"
     if locks.exists():
         if previous.get("host", host) != host:
             raise Refused(
@@ -203,12 +217,6 @@ def prepare(args: list[str]):
             "unfinished jobs rerun and resume from their checkpoints",
             file=sys.stderr,
         )
-    fh.seek(0)
-    fh.truncate()
-    rec = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": args}
-    fh.write(json.dumps(rec))
-    fh.flush()
-    return fh, root
 
 
 def snakemake_executable() -> str:
