@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
-## run: the embedded default experiment, end to end (snakemake, local profile)
+## run: the embedded default experiment, end to end (snakemake, local profile); rerun it after a crash:
+## ccalign-dag removes the lock a killed run left (and refuses while a run is live), then runs snakemake
 run: $(STAMP)
-	$(VENV)/bin/snakemake --profile workflow/profiles/local --configfile $(CONFIG)
+	$(VENV)/bin/ccalign-dag --profile workflow/profiles/local --configfile $(CONFIG)
 
 ## test: lint, then the whole test suite with the integration tests (pytest exit code 5 counts as failure-free)
 test: $(STAMP) lint

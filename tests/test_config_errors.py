@@ -149,3 +149,18 @@ def test_a_bad_set_is_blamed_on_the_set_argument(item, expected):
     )
     line = one_line(out)
     assert f"--set {item!r}" in line and expected in line and "smoke.yaml" not in line, line
+
+
+@pytest.mark.parametrize("case", list(OWN_READER))
+def test_through_the_dag_command_even_what_snakemake_reads_itself(case, tmp_path):
+    text, expected = OWN_READER[case]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "ccalign.dag", "-n", "--configfile", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    line = one_line(out)
+    assert str(bad) in line and expected in line, line

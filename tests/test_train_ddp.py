@@ -4,7 +4,8 @@ One process runs micro-batches of 4 with accumulation 2; two processes run one m
 every micro-batch, its negatives and its uncond mask are the same (StepSampler, micro_batch_generator), and
 DDP's gradient average equals the accumulated mean. Only the float summation order may differ: weights and
 Adam moments must agree to atol 1e-6 (on the 2-core CI CPU they are bit-identical). FSDP (FULL_SHARD) is held
-to the same tolerance.
+to the same tolerance, its saved optimizer state included (on CPU, torch once returned every Adam moment as
+the last one gathered: the resume then diverged).
 """
 
 from __future__ import annotations
@@ -90,4 +91,13 @@ def test_two_processes_match_one(tmp_path: Path):
     for i, s in one["optimizer"]["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(state["ddp"]["optimizer"]["state"][i][k], s[k], atol=1e-6, rtol=1e-4)
+    # FSDP's full optimizer state names parameters, in the same group order: what a resume loads
+    fsdp_optim = state["fsdp"]["optimizer"]
+    for group, fsdp_group in zip(one["optimizer"]["param_groups"], fsdp_optim["param_groups"], strict=True):
+        for i, name in zip(group["params"], fsdp_group["params"], strict=True):
+            for k in ("exp_avg", "exp_avg_sq"):
+                got = fsdp_optim["state"][name][k].reshape(one["optimizer"]["state"][i][k].shape)
+                torch.testing.assert_close(
+                    got, one["optimizer"]["state"][i][k], atol=1e-6, rtol=1e-4, msg=name
+                )
     assert one["model"]["model.tok_embeddings.weight"].abs().sum() > 0

@@ -477,13 +477,17 @@ def launch(args: list[str], res: dict[str, Any]) -> list[str]:
         return args
     run = ["torchrun", f"--nproc_per_node={max(gpus, 1)}", f"--nnodes={nodes}"]
     if nodes > 1:
+        # Snakemake's Slurm jobstep runs this in the batch step (the rule's "mpi" resource) with every SLURM_*
+        # variable but SLURM_JOB_ID removed: name the node and task counts, and find the nodes from the job
         run = [
             "srun",
             "--overlap",
+            f"--nodes={nodes}",
+            f"--ntasks={nodes}",
             "--ntasks-per-node=1",
             *run,
             "--rdzv_backend=c10d",
-            "--rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500",
+            "--rdzv_endpoint=$(scontrol show hostnames $(squeue -h -o %N -j $SLURM_JOB_ID) | head -n1):29500",
             "--rdzv_id=$SLURM_JOB_ID",
         ]
     return [*run, "-m", PACKAGE, *args[1:]]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,11 +67,15 @@ def smoke_run(tmp_path_factory, artifacts_dir) -> SimpleNamespace:
         yield SimpleNamespace(ws=ws, server=server, log=log)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> str:
-    """A running single-node Slurm cluster (slurm_cluster.sh); yields its partition."""
-    state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "CCALIGN_SLURM_STATE": str(state), "CCALIGN_SLURM_PARTITION": "debug"}
+def _cluster(tmp_path_factory, nodes: int) -> Iterator[SimpleNamespace]:
+    """Start slurm_cluster.sh with ``nodes`` nodes (skip when impossible here); stop it at teardown."""
+    state = tmp_path_factory.mktemp(f"slurm{nodes}")
+    names = {
+        "CCALIGN_SLURM_STATE": str(state),
+        "CCALIGN_SLURM_PARTITION": "debug",
+        "CCALIGN_SLURM_NODES": str(nodes),
+    }
+    env = {**os.environ, **names}
     script = str(HERE / "slurm_cluster.sh")
     t0 = time.monotonic()
     p = subprocess.run([script, "start"], env=env, capture_output=True, text=True)
@@ -78,8 +83,25 @@ def slurm_cluster(tmp_path_factory) -> str:
         pytest.skip(f"no Slurm cluster possible here: {p.stderr.strip()}")
     assert p.returncode == 0, f"slurm_cluster.sh start failed:\n{p.stdout}\n{p.stderr}"
     print(f"slurm cluster up in {time.monotonic() - t0:.0f} s: {p.stdout.strip()}")
-    yield "debug"
+    yield SimpleNamespace(partition="debug", state=state, client=[script, "exec"], names=names)
     subprocess.run([script, "stop"], env=env, check=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> str:
+    """A running single-node Slurm cluster on localhost (slurm_cluster.sh); yields its partition."""
+    for cluster in _cluster(tmp_path_factory, 1):
+        yield cluster.partition
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory) -> SimpleNamespace:
+    """Two Slurm nodes, each in its own network namespace (slurm_cluster.sh, CCALIGN_SLURM_NODES=2).
+
+    ``.client`` prefixes a client command (sbatch, squeue, scontrol) to run it in the cluster's login
+    namespace; its environment needs ``.names`` (they name the cluster's state directory ``.state``).
+    """
+    yield from _cluster(tmp_path_factory, 2)
 
 
 @pytest.fixture

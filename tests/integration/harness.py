@@ -102,6 +102,33 @@ def read_summary(ws: Path) -> list[dict[str, str]]:
     return list(rows.values())
 
 
+def slurm_test_profile(ws: Path, partition: str) -> Path:
+    """workflow/profiles/slurm with slurm_overlay.yaml on top, written into the workspace."""
+    profile = yaml.safe_load((ws / "workflow/profiles/slurm/config.yaml").read_text())
+    overlay = yaml.safe_load((HERE / "slurm_overlay.yaml").read_text())
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            profile[key] = {**profile.get(key, {}), **value}
+        else:
+            profile[key] = value
+    profile["default-resources"]["slurm_partition"] = partition
+    dest = ws / "profiles-test" / "slurm"
+    dest.mkdir(parents=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return dest
+
+
+# Timing columns differ between runs; everything else is a function of the config and its seeds.
+TIMING = {"images_per_s"}
+
+
+def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """summary.csv rows without the timing columns, in a fixed order."""
+    return sorted(
+        ({k: v for k, v in r.items() if k not in TIMING} for r in rows), key=lambda r: sorted(r.items())
+    )
+
+
 def apt_install(package: str, *binaries: str) -> str:
     """The first of ``binaries`` on PATH, else install Debian's ``package``; skip when it cannot be."""
 

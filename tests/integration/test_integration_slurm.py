@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from harness import (
     HERE,
     SMOKE,
     VENV_BIN,
     base_env,
+    comparable,
     copy_repo,
     experiment_id,
     job_counts,
@@ -23,6 +23,7 @@ from harness import (
     read_summary,
     run,
     search_runs,
+    slurm_test_profile,
     snakemake,
     tail,
 )
@@ -42,32 +43,6 @@ def test_sbatch_wrap_job_runs_with_its_resources(slurm_cluster, tmp_path):
     assert out.read_text().split() == [f"job={job}", "cpus=1", "mem=100"]
     info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info
-
-
-def slurm_test_profile(ws: Path, partition: str) -> Path:
-    """workflow/profiles/slurm with slurm_overlay.yaml on top, written into the workspace."""
-    profile = yaml.safe_load((ws / "workflow/profiles/slurm/config.yaml").read_text())
-    overlay = yaml.safe_load((HERE / "slurm_overlay.yaml").read_text())
-    for key, value in overlay.items():
-        if isinstance(value, dict):
-            profile[key] = {**profile.get(key, {}), **value}
-        else:
-            profile[key] = value
-    profile["default-resources"]["slurm_partition"] = partition
-    dest = ws / "profiles-test" / "slurm"
-    dest.mkdir(parents=True)
-    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
-    return dest
-
-
-# Timing columns differ between runs; everything else is a function of the config and its seeds.
-TIMING = {"images_per_s"}
-
-
-def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return sorted(
-        ({k: v for k, v in r.items() if k not in TIMING} for r in rows), key=lambda r: sorted(r.items())
-    )
 
 
 def test_smoke_dag_on_slurm_matches_local_run(
@@ -175,6 +150,7 @@ def test_paper_finetune_jobs_request_gpus_the_plugin_way(tmp_path, artifacts_dir
         assert not any(a.startswith("--ntasks-per-gpu") for a in argv), argv  # torchrun spawns per-GPU ranks
         assert opts.get("--mem") == str(res["mem_mb"]) and opts.get("-t") == str(res["runtime"]), argv
         assert "--executor slurm-jobstep" in wrap, wrap
+        assert "--requeue" in argv, argv  # a preempted job goes back to the queue (profile: slurm-requeue)
     assert len({re.search(r"model=(\w+)", _options(a)["--wrap"]).group(1) for a in calls}) == len(jobs)
 
 

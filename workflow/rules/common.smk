@@ -97,6 +97,9 @@ def resources(stage):
         cpus_per_gpu=get_resource("cpus_per_gpu"),
         tasks=get_resource("nodes"),
         tasks_per_gpu=0,
+        # multi-node jobs run in the batch step ("srun": the executor asks for --ntasks=nodes), not in an
+        # `srun -n1` step whose inner srun cannot reach the other nodes; the plugin refuses mpi on 1 task
+        mpi=lambda wildcards: "srun" if job(stage, wildcards).resources["nodes"] > 1 else "",
     )
 
 

@@ -112,17 +112,21 @@ def clean_name(name: str) -> str:
 
 
 def full_state(wrapped: nn.Module, inner: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts, complete on rank 0 (FSDP gathers them; CPU-offloaded)."""
+    """(model, optimizer) state dicts, complete on rank 0 (FSDP gathers them; GPU tensors offloaded)."""
     if not is_fsdp(wrapped):
         return inner.state_dict(), optimizer.state_dict()
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    # Offloading CPU tensors must stay off: torch gathers every optimizer state (exp_avg, exp_avg_sq) into
+    # one reused buffer and, when offloading, keeps `.cpu()` of views into it, which on CPU is the view
+    # itself: every state would hold the values of the last one gathered (torch 2.14, _optim_utils).
+    offload = wrapped.compute_device.type != "cpu"
     with FSDP.state_dict_type(
         wrapped,
         StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
     ):
         return wrapped.state_dict(), FSDP.optim_state_dict(wrapped, optimizer)
 
