@@ -336,6 +336,24 @@ class Transformer(nn.Module):
 
     # -- forward
 
+    def hidden_states(
+        self, idx: torch.Tensor | None, cond_idx: torch.Tensor | None, input_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final normalised hidden states (B, S', dim) that ``output`` maps to the logits of ``forward``
+        (same arguments and modes)."""
+        if input_pos is None:
+            h = torch.cat([self.cls_embedding(cond_idx), self.tok_embeddings(idx)], dim=1)  # (B, 1+S, dim)
+            freqs_cis = self._rope(h.device)[: h.shape[1]]
+            mask = None
+        else:
+            h = self.cls_embedding(cond_idx) if cond_idx is not None else self.tok_embeddings(idx)
+            freqs_cis = self._rope(h.device)[input_pos]  # (S, hd/2, 2)
+            mask = self.causal_mask[input_pos][None, None]  # (1, 1, S, L): attend to filled slots <= pos
+        h = self.tok_dropout(h)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask, input_pos)
+        return self.norm(h)
+
     def forward(
         self,
         idx: torch.Tensor | None,
@@ -352,18 +370,7 @@ class Transformer(nn.Module):
         Cached decoding (``input_pos`` (S,) sequence positions, caches set up): the class token when
         ``cond_idx`` is given (position 0), else tokens ``idx`` (B, S) -> logits (B, S, V) there.
         """
-        if input_pos is None:
-            h = torch.cat([self.cls_embedding(cond_idx), self.tok_embeddings(idx)], dim=1)  # (B, 1+S, dim)
-            freqs_cis = self._rope(h.device)[: h.shape[1]]
-            mask = None
-        else:
-            h = self.cls_embedding(cond_idx) if cond_idx is not None else self.tok_embeddings(idx)
-            freqs_cis = self._rope(h.device)[input_pos]  # (S, hd/2, 2)
-            mask = self.causal_mask[input_pos][None, None]  # (1, 1, S, L): attend to filled slots <= pos
-        h = self.tok_dropout(h)
-        for layer in self.layers:
-            h = layer(h, freqs_cis, mask, input_pos)
-        logits = self.output(self.norm(h)).float()  # (B, S', V)
+        logits = self.output(self.hidden_states(idx, cond_idx, input_pos)).float()  # (B, S', V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
@@ -531,6 +538,13 @@ class LlamaGenFamily:
     ) -> torch.Tensor:
         """Teacher forcing as the official fine-tuning call: (B, T, V), logits[:, t] predicts codes[:, t]."""
         return model(codes[:, :-1], labels)[0]
+
+    def hidden(
+        self, model: Transformer, tokenizer, labels: torch.Tensor, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Teacher forcing up to the head: (hidden (B, T, dim), head weight (V, dim), head bias None), with
+        ``F.linear(hidden, weight)`` the logits of ``logits`` (for the fused log-probability)."""
+        return model.hidden_states(codes[:, :-1], labels), model.output.weight, None
 
     def generate(
         self,

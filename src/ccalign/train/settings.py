@@ -45,6 +45,7 @@ class TrainSettings:
     seed_offset: int = 0
     num_workers: int = 0  # DataLoader workers
     keep_state: bool = False  # keep the resumable state directory after the final export
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss / grad norm instead of stopping
     extra: dict = field(default_factory=dict)  # official flags kept for provenance only
 
     def __post_init__(self) -> None:
