@@ -3,11 +3,20 @@
 #
 #   PYTHONPATH=src benchmarks/run_gpu.sh OUT_DIR SECONDS STEP...
 #
-# STEPs: llamagen-eager llamagen-compile train var tokenize sample evaluate (and smoke: toy sizes of the
-# compile, tokenize, sample and evaluate paths, in parallel, correctness only). Each step runs under `timeout`
-# within SECONDS for the whole call; its table goes to OUT_DIR. On an image without torch-fidelity and
-# jsonschema, install them as wheels with `pip install --no-deps --target /tmp/site` and put that on
-# PYTHONPATH before src.
+# STEPs: llamagen-eager llamagen-compile train train-compile var tokenize sample evaluate (and smoke: toy
+# sizes of the compile, tokenize, sample and evaluate paths, in parallel, correctness only). Each step runs
+# under `timeout` within SECONDS for the whole call; its table goes to OUT_DIR. On an image without
+# torch-fidelity and jsonschema, install them as wheels with `pip install --no-deps --target /tmp/site` and
+# put that on PYTHONPATH before src.
+#
+# The training figures (issue 19), about 5 minutes of one H100/H200, in one command:
+#
+#   PYTHONPATH=src benchmarks/run_gpu.sh OUT_DIR 330 train train-compile
+#
+# `train` (eager: ours, ours at the official micro-batch, the official step; GPT-L, GPT-XL, VAR-d16, VAR-d24;
+# loss-path memory; a profile) and `train-compile` (ours with compile: true, GPT-L and GPT-XL) need the
+# official code in .cache/official/CCA (git-ignored: carry it to the device). Their records are merged into
+# OUT_DIR/bench_train.json, a copy of benchmarks/results/bench_train.json (copy it back).
 set -u
 out=$1
 deadline=$((SECONDS + $2))
@@ -65,8 +74,14 @@ torch.cuda.get_device_name(), torch_fidelity.__version__)'
             --batch 64 256 --kv-cache on --compile --repeats 2 --out "$out/bench_generate_gpu_llamagen_compile.md"
         ;;
     train)
-        run 120 "$step" python3 benchmarks/bench_train.py --device cuda --peak-tflops 989 \
-            --out "$out/bench_train_gpu.md"
+        [[ -f "$out/bench_train.json" ]] || cp benchmarks/results/bench_train.json "$out/"
+        run 270 "$step" python3 benchmarks/bench_train.py --device cuda --profile \
+            --json "$out/bench_train.json" --out "$out/bench_train_gpu.md"
+        ;;
+    train-compile)
+        [[ -f "$out/bench_train.json" ]] || cp benchmarks/results/bench_train.json "$out/"
+        TORCH_LOGS=recompiles run 240 "$step" python3 benchmarks/bench_train.py --device cuda --compile \
+            --models llamagen_L llamagen_XL --json "$out/bench_train.json" --out "$out/bench_train_gpu_compile.md"
         ;;
     var)
         for d in d16 d24; do

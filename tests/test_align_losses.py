@@ -118,11 +118,16 @@ def test_head_logp_under_bf16_autocast_matches_the_autocast_head():
         close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2, what=name)
 
 
-def test_head_logp_without_grad_keeps_no_graph_and_checks_shapes():
-    hidden, weight, bias, targets, _ = _head_case(bias=True)
-    with torch.inference_mode():
-        frozen = head_logp(hidden, weight.requires_grad_(True), bias, targets, chunk_rows=2)
-    assert frozen.grad_fn is None and torch.equal(frozen, _run_head(False, *_head_case(True))[0])
+def test_head_logp_frozen_inputs_and_bad_shapes():
+    hidden, weight, bias, targets, weights = _head_case(bias=True)
+    logp_naive, grads_naive = _run_head(False, hidden, weight, bias, targets, weights)
+    with torch.inference_mode():  # the frozen reference: no graph at all
+        frozen = head_logp(hidden, weight.clone().requires_grad_(True), bias, targets, chunk_rows=2)
+    assert frozen.grad_fn is None and torch.equal(frozen, logp_naive)
+    h = hidden.clone().requires_grad_(True)  # a frozen head: only the hidden states get a gradient
+    (head_logp(h, weight, bias, targets, chunk_rows=2) * weights).sum().backward()
+    close(h.grad, grads_naive[0], atol=1e-6 * float(grads_naive[0].abs().max()), rtol=1e-5, what="hidden")
+    assert weight.grad is None and bias.grad is None
     with pytest.raises(ValueError, match="weight"):
         head_logp(hidden, weight[:, :3], bias, targets)
 

@@ -21,6 +21,9 @@ OBJECTIVES = ("cca", "dpo", "unlearning")  # contrastive objectives (policy + fr
 ALL_OBJECTIVES = (*OBJECTIVES, "mle")  # "mle": plain maximum likelihood (pre-training)
 
 _CHUNK_ELEMENTS = 1 << 23  # logits elements handled at once (32 MiB in float32)
+# fused head: GPU chunks of >= 2048 rows (16384 codes) keep the matmuls' grids full; small chunks elsewhere
+_HEAD_CHUNK_ELEMENTS = {"cuda": 1 << 25}
+_HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 21
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -141,30 +144,32 @@ class _HeadLogp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tokens: Tensor):
         x, weight, bias, tgt, lse = ctx.saved_tensors
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
         with torch.autocast(x.device.type, enabled=False):
             _, w, b = _cast(None, weight, bias, x.dtype)
-            grad_x = torch.empty(x.shape, dtype=ctx.hidden_dtype, device=x.device)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-            grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=x.device)
+            grad_x = torch.empty(x.shape, dtype=ctx.hidden_dtype, device=x.device) if want_x else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if want_b else None
             g = grad_tokens.float()
             for s in range(0, x.shape[0], ctx.rows):
                 r = slice(s, s + ctx.rows)
                 logits = _head_rows(x[r], w, b)  # recomputed, (n, V) float32
                 d = _rows_grad_(logits, logits, lse[r], tgt[r], g[r])
-                if grad_b is not None:
+                if want_b:
                     grad_b += d.sum(0)
                 d = d.to(x.dtype)
-                grad_x[r] = d @ w
-                grad_w += d.T @ x[r]
-        return grad_x, grad_w.to(weight.dtype), _to(grad_b, bias), None, None, None
+                if want_x:
+                    grad_x[r] = d @ w
+                if want_w and x.dtype == grad_w.dtype:
+                    grad_w.addmm_(d.T, x[r])  # no (V, C) temporary
+                elif want_w:
+                    grad_w += d.T @ x[r]  # a (V, C) temporary in the compute dtype
+        grad_w = grad_w.to(weight.dtype) if want_w else None
+        return grad_x, grad_w, grad_b.to(bias.dtype) if want_b else None, None, None, None
 
 
 def _cast(hidden: Tensor | None, weight: Tensor, bias: Tensor | None, dtype: torch.dtype):
     return tuple(None if t is None else t.to(dtype) for t in (hidden, weight, bias))
-
-
-def _to(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-    return None if grad is None else grad.to(like.dtype)
 
 
 def head_logp(
@@ -181,7 +186,8 @@ def head_logp(
     the logits scoring targets[:, t]; returns float32 (B,). Matmuls run in the autocast dtype when
     autocast is on (as the model's own head would), else in the weight's dtype. Equals
     ``sequence_logp_naive(F.linear(hidden, weight, bias).float(), targets)`` with gradients for hidden,
-    weight and bias (tests/test_align_losses.py states the tolerance).
+    weight and bias (tests/test_align_losses.py states the tolerance). ``chunk_rows`` rows at a time:
+    by default 2^25 logits (128 MiB in float32) on GPU, 2^21 elsewhere.
     """
     B, T, C = hidden.shape
     if targets.shape != (B, T) or weight.dim() != 2 or weight.shape[1] != C:
@@ -191,7 +197,8 @@ def head_logp(
         )
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    budget = _HEAD_CHUNK_ELEMENTS.get(device, _HEAD_CHUNK_ELEMENTS_DEFAULT)
+    rows = chunk_rows or max(1, budget // weight.shape[0])
     flat, tgt = hidden.reshape(B * T, C), targets.reshape(B * T, 1).long()
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
