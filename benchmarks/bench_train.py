@@ -76,7 +76,7 @@ from ccalign.train.settings import TrainSettings, resolve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
-GPU_MODELS = ("llamagen_L", "llamagen_XL", "var_d16", "var_d24")
+GPU_MODELS = ("llamagen_L", "var_d16", "llamagen_XL", "var_d24")  # the first of each family first
 # CPU: the same paper.yaml entries, shrunk (model-argument overrides): short sequences to time steps, the
 # real sequence length and vocabulary (few, narrow layers) to measure the loss path's memory
 CPU_MODELS = {
@@ -171,14 +171,14 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
             if key in name:
                 return tflops * 1e12, f"{tflops:g} TFLOPS (dense bf16/fp16 of {key})"
         raise SystemExit(f"unknown peak rate of {name}: pass --peak-tflops")
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     seconds = []
-    for _ in range(6):  # the best of several: other processes may share the cores
+    for _ in range(5):  # the best of several: other processes may share the cores
         t0 = time.perf_counter()
         a @ b
         seconds.append(time.perf_counter() - t0)
-    rate = 2 * 1024**3 / min(seconds)
-    return rate, f"{rate / 1e9:.0f} GFLOP/s (measured float32 1024² GEMM, {torch.get_num_threads()} threads)"
+    rate = 2 * 2048**3 / min(seconds)
+    return rate, f"{rate / 1e9:.0f} GFLOP/s (measured float32 2048² GEMM, {torch.get_num_threads()} threads)"
 
 
 def flops_per_image(case: Case) -> float:
@@ -255,12 +255,12 @@ def run_ours(case: Case, device: torch.device, micro: int, batch: int, steps: in
     return dict(micro_batch=micro, accumulation=batch // micro, images_per_s=ips, peak_gib=mem.gib)
 
 
-def best_ours(case: Case, device: torch.device, batch: int, steps: int, compile_: bool) -> dict:
+def best_ours(case: Case, device: torch.device, batch: int, steps: int) -> dict:
     """``run_ours`` at the largest power-of-two micro-batch ≤ ``batch`` that fits in memory."""
     micro = 1 << (batch.bit_length() - 1)
     while micro >= 1:
         try:
-            return run_ours(case, device, micro, batch, steps, compile_)
+            return run_ours(case, device, micro, batch, steps, False)
         except torch.OutOfMemoryError:
             print(f"{case.name}: micro-batch {micro} does not fit", flush=True)
             micro //= 2
@@ -661,7 +661,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "config" / "paper.yaml"))
     p.add_argument("--batch", type=int, help="images per optimizer step per device (GPU 32, CPU 8)")
     p.add_argument("--steps", type=int, help="warm-up and timed optimizer steps (GPU 3, CPU 2)")
-    p.add_argument("--compile", action="store_true", help="ours with compile: true (only ours is run)")
+    p.add_argument("--compile", action="store_true", help="only ours, eager then with compile: true")
     p.add_argument(
         "--official", default=str(ROOT / ".cache" / "official" / "CCA"), help="thu-ml/CCA checkout"
     )
@@ -687,41 +687,43 @@ def main() -> None:
             "LlamaGen @ ce98ec4 and VAR @ cf0321a in LlamaGen/ and VAR/"
         )
     names = args.models or (list(CPU_MODELS) if cpu else list(GPU_MODELS))
-    cases = load_cases(names, device, args.config)
+    memory_cases = {c.name: c for c in load_cases(names, device, args.config, scope="memory")}
     rate, peak_desc = peak_flops(device, args.peak_tflops)
-    records, memory, profile_text = [], [], ""
-    for case in cases:
+    out = args.out or str(RESULTS / ("bench_train.md" if cpu else "bench_train_gpu.md"))
+    records, memory, families = [], [], set()
+
+    def write(profile_text: str = "") -> None:  # after every model: a time limit keeps what was measured
+        atomic_write_text(markdown(records, memory, peak_desc, profile_text, args), out)
+        merge_json(Path(args.json), [{**r, "kind": "step"} for r in records] + memory)
+
+    for case in load_cases(names, device, args.config):
         case.official_micro = min(case.official_micro, args.batch)
-        rows = {"ours": best_ours(case, device, args.batch, args.steps, args.compile)}
-        if not args.compile:
-            if case.official_micro != rows["ours"]["micro_batch"]:
-                rows["ours_official_batching"] = run_ours(
-                    case, device, case.official_micro, args.batch, args.steps, False
-                )
+        rows = [("ours", False, best_ours(case, device, args.batch, args.steps))]  # (path, compile, result)
+        micro = rows[0][2]["micro_batch"]
+        if args.compile:  # eager and compiled back to back, under the same load
+            rows.append(("ours", True, run_ours(case, device, micro, args.batch, args.steps, True)))
+        else:
+            if case.official_micro != micro:
+                official_batching = run_ours(case, device, case.official_micro, args.batch, args.steps, False)
+                rows.append(("ours_official_batching", False, official_batching))
             runner = run_official_llamagen if case.family == "llamagen" else run_official_var
-            rows["official"] = runner(case, device, official, args.batch, args.steps)
+            rows.append(("official", False, runner(case, device, official, args.batch, args.steps)))
         fpi = flops_per_image(case)  # the same work on every path
-        for path, r in rows.items():
-            compiled = args.compile and path == "ours"
+        for path, compiled, r in rows:
             mfu = r["images_per_s"] * fpi / rate
             records.append(
                 record(case, device, path, precision=case.settings.precision, compile=compiled, mfu=mfu, **r)
             )
             print(json.dumps(records[-1]), flush=True)
-    if not args.no_memory and not args.compile:
-        first = {}  # the first model of each family
-        for case in load_cases(names, device, args.config, scope="memory"):
-            first.setdefault(case.family, case)
-        for case in first.values():
-            memory += loss_memory(case, device, args.memory_micro or (2 if cpu else args.batch))
+        if not (args.no_memory or args.compile or case.family in families):  # the family's first model
+            families.add(case.family)
+            micro = args.memory_micro or (2 if cpu else args.batch)
+            memory += loss_memory(memory_cases[case.name], device, micro)
             print(json.dumps(memory[-4:]), flush=True)
+        write()
     if args.profile:
-        profile_text = profile_ours(cases[0], device, args.batch)
-    text = markdown(records, memory, peak_desc, profile_text, args)
-    out = args.out or str(RESULTS / ("bench_train.md" if cpu else "bench_train_gpu.md"))
-    atomic_write_text(text, out)
-    merge_json(Path(args.json), [{**r, "kind": "step"} for r in records] + memory)
-    print(text)
+        write(profile_ours(load_cases(names[:1], device, args.config)[0], device, args.batch))
+    print(Path(out).read_text())
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def train(
             step = sampler.stop_step
 
     batches = micro_batches()
-    pending, window, last, skipped, saved = next(batches), _Window(), {}, 0, start
+    pending, window, last, skipped, saved = next(batches, None), _Window(), {}, 0, start
     bar = progress(total=total, initial=start, desc=s.objective, unit="step") if env.is_main else None
     for step in range(start, total):
         lr = s.lr * lr_factor(
