@@ -577,6 +577,32 @@ def profile_ours(case: Case, device: torch.device, micro: int, rows: int = 12) -
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
+def adamw_seconds(case: Case, device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Seconds per AdamW update of the model's parameters: for-loop, foreach and fused implementations."""
+    family = get_family(case.family)
+    with torch.device(device):
+        params = list(family.build_model(case.model_args).parameters())
+    for q in params:
+        q.grad = torch.randn_like(q)
+    out = {}
+    for name, kw in {
+        "for-loop": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }.items():
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **kw)
+        optimizer.step()  # creates the state
+        seconds = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            optimizer.step()
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+        out[name] = min(seconds)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -588,7 +614,9 @@ def _cpu_env() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
 
 
-def markdown(records: list[dict], memory: list[dict], peak_desc: str, profile_text: str, args) -> str:
+def markdown(
+    records: list[dict], memory: list[dict], adamw: dict[str, dict], peak_desc: str, profile_text: str, args
+) -> str:
     lines = [
         "# bench_train: the CCA step beside the official trainers",
         "",
@@ -630,6 +658,11 @@ def markdown(records: list[dict], memory: list[dict], peak_desc: str, profile_te
                 f"| {m['model']} | {m['micro_batch']} | {m['path']} | {m['peak_gib']:.3f} | "
                 f"{m['loss_path_gib']:.3f} | {ratio} |"
             )
+    if adamw:
+        lines += ["", "## AdamW update, seconds (best of 3)", "", "| model | for-loop | foreach | fused |"]
+        lines.append("|---|---:|---:|---:|")
+        for model, t in adamw.items():
+            lines.append(f"| {model} | {t['for-loop']:.4f} | {t['foreach']:.4f} | {t['fused']:.4f} |")
     if profile_text:
         lines += [
             "",
@@ -696,10 +729,10 @@ def main() -> None:
     memory_cases = {c.name: c for c in load_cases(names, device, args.config, scope="memory")}
     rate, peak_desc = peak_flops(device, args.peak_tflops)
     out = args.out or str(RESULTS / ("bench_train.md" if cpu else "bench_train_gpu.md"))
-    records, memory, families = [], [], set()
+    records, memory, families, adamw = [], [], set(), {}
 
     def write(profile_text: str = "") -> None:  # after every model: a time limit keeps what was measured
-        atomic_write_text(markdown(records, memory, peak_desc, profile_text, args), out)
+        atomic_write_text(markdown(records, memory, adamw, peak_desc, profile_text, args), out)
         merge_json(Path(args.json), [{**r, "kind": "step"} for r in records] + memory)
 
     for case in load_cases(names, device, args.config):
@@ -733,6 +766,7 @@ def main() -> None:
             micro = args.memory_micro or (2 if cpu else args.batch)
             memory += loss_memory(memory_cases[case.name], device, micro)
             print(json.dumps(memory[-4:]), flush=True)
+            adamw[case.name] = adamw_seconds(case, device)
         write()
     if args.profile:
         write(profile_ours(load_cases(names[:1], device, args.config)[0], device, args.batch))
