@@ -21,9 +21,10 @@ Paths, per model, all in this one process on random weights (policy and its froz
   neither). The official VAR step encodes images with the VQVAE every step (ours reads cached codes).
 
 Precision: paper.yaml's (LlamaGen bf16, VAR fp16) on GPU; float32 on CPU (the official autocast is
-CUDA-only). MFU = images/s × 16·N·T / peak, N = parameters outside embedding tables, T = tokens per image
-(policy forward + backward over [positive; negative], reference forward); the peak is the GPU's dense
-bf16/fp16 rate, or on CPU this process's measured float32 GEMM rate. Time: wall time on GPU; on CPU this
+CUDA-only). MFU = images/s × 16·N·T / peak (policy forward + backward over [positive; negative], reference
+forward), N = parameters applied per token (no embedding tables, no VAR AdaLN projections of the class),
+T = tokens per image; the peak is the GPU's dense bf16/fp16 rate, or on CPU this process's measured float32
+GEMM rate. Time: wall time on GPU; on CPU this
 process's user CPU time, as the development VM's cores are shared with other jobs. Peak memory: GPU
 ``max_memory_allocated``; CPU the peak resident set over the run minus the resident set before its models
 were built (glibc returning freed blocks at once, see ``_cpu_env``).
@@ -192,12 +193,15 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
 
 
 def flops_per_image(case: Case) -> float:
-    """16·N·T of our model of ``case``: N = parameters outside embedding tables (lookups, not matmuls)."""
+    """16·N·T of our model of ``case``, N = the parameters applied to every token: without embedding tables
+    (lookups) and VAR's AdaLN projections of the class embedding (``ada_lin``: once per image)."""
     family = get_family(case.family)
     with torch.device("meta"):
         model = family.build_model(case.model_args)
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+    n = sum(
+        p.numel() for name, p in model.named_parameters() if id(p) not in tables and "ada_lin" not in name
+    )
     return 16 * n * family.seq_len(model)
 
 
@@ -636,7 +640,7 @@ def markdown(
         f"Per-device batch {args.batch} images (the official recipe's 256 / 8 GPUs = 32 on GPU); "
         f"{args.steps} warm-up + {args.steps} timed optimizer steps per run, the fastest of {args.rounds} "
         "run(s) per row (the paths in turn); random weights; MFU against "
-        f"{peak_desc}; 16·N FLOPs per image token (N without embedding tables). Time: "
+        f"{peak_desc}; 16·N FLOPs per image token (N: parameters applied per token). Time: "
         + (
             "wall time."
             if args.device != "cpu"
