@@ -696,8 +696,9 @@ def markdown(
 
 
 def merge_json(path: Path, records: list[dict]) -> None:
-    """Add ``records`` to ``path`` (a JSON list), replacing earlier records of the same device, kind, model,
-    path and compile setting (other devices' and other runs' records stay)."""
+    """Add ``records`` to ``path`` (a JSON list), replacing earlier records of the same device, kind ("step":
+    beside the official trainers, "compile": eager vs compiled, "loss_memory"), model, path and compile
+    setting; other devices' and other kinds' records stay."""
 
     def key(r: dict) -> tuple:
         return r["device"], r["kind"], r["model"], r["path"], r.get("compile", False)
@@ -753,7 +754,8 @@ def main() -> None:
 
     def write(profile_text: str = "") -> None:  # after every model: a time limit keeps what was measured
         atomic_write_text(markdown(records, memory, adamw, peak_desc, profile_text, args), out)
-        merge_json(Path(args.json), [{**r, "kind": "step"} for r in records] + memory)
+        kind = "compile" if args.compile else "step"  # "compile": eager vs compiled, measured together
+        merge_json(Path(args.json), [{**r, "kind": kind} for r in records] + memory)
 
     for case in load_cases(names, device, args.config):
         case.official_micro = min(case.official_micro, args.batch)
