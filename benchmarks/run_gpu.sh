@@ -3,16 +3,23 @@
 #
 #   PYTHONPATH=src benchmarks/run_gpu.sh OUT_DIR SECONDS STEP...
 #
-# STEPs: generate train tokenize sample evaluate (and smoke: toy sizes of the generate, tokenize, sample and
-# evaluate paths, in parallel, correctness only). Each step runs under `timeout` within SECONDS for the whole
-# call; its table goes to OUT_DIR. On an image without torch-fidelity and jsonschema, install them as wheels
-# with `pip install --no-deps --target /tmp/site` and put that on PYTHONPATH before src.
+# STEPs: generate train train-compile tokenize sample evaluate (and smoke: toy sizes of the generate, tokenize,
+# sample and evaluate paths, in parallel, correctness only). Each step runs under `timeout` within SECONDS for
+# the whole call; its table goes to OUT_DIR. On an image without torch-fidelity and jsonschema, install them as
+# wheels with `pip install --no-deps --target /tmp/site` and put that on PYTHONPATH before src. Steps marked
+# "official" need the official code in .cache/official/ (git-ignored: carry it to the device).
 #
-# generate: every GPU figure of bench_generate.py in one process (~8 minutes on an H100/H200): our sampler
-# (CUDA graphs; torch.compile'd steps; attention over all cache slots) against the official LlamaGen and
-# VAR samplers on GPT-L, GPT-XL, VAR-d16 and VAR-d30 at paper settings, graph-vs-reference token agreement
-# and the noise's CPU/GPU bit identity. It needs the official code in .cache/official/ (carry it):
+# generate (official; issue 18, ~8 minutes of one H100/H200): every GPU figure of bench_generate.py in one
+# process: our sampler (CUDA graphs; torch.compile'd steps; attention over all cache slots) against the
+# official LlamaGen and VAR samplers on GPT-L, GPT-XL, VAR-d16 and VAR-d30 at paper settings, graph-vs-
+# reference token agreement and the noise's CPU/GPU bit identity:
 #   PYTHONPATH=src benchmarks/run_gpu.sh /tmp/out 540 generate
+#
+# train, train-compile (official; issue 19, ~5 minutes): `train` is eager (ours, ours at the official
+# micro-batch, the official step; GPT-L, GPT-XL, VAR-d16, VAR-d24; loss-path memory; a profile),
+# `train-compile` ours with compile: true on GPT-L and GPT-XL. Their records are merged into
+# OUT_DIR/bench_train.json, a copy of benchmarks/results/bench_train.json (copy it back):
+#   PYTHONPATH=src benchmarks/run_gpu.sh /tmp/out 330 train train-compile
 set -u
 out=$1
 deadline=$((SECONDS + $2))
@@ -62,8 +69,14 @@ torch.cuda.get_device_name(), torch_fidelity.__version__)'
             --json "$out/bench_generate.json" --md "$out/bench_generate_gpu.md"
         ;;
     train)
-        run 120 "$step" python3 benchmarks/bench_train.py --device cuda --peak-tflops 989 \
-            --out "$out/bench_train_gpu.md"
+        [[ -f "$out/bench_train.json" ]] || cp benchmarks/results/bench_train.json "$out/"
+        run 270 "$step" python3 benchmarks/bench_train.py --device cuda --profile \
+            --json "$out/bench_train.json" --out "$out/bench_train_gpu.md"
+        ;;
+    train-compile)
+        [[ -f "$out/bench_train.json" ]] || cp benchmarks/results/bench_train.json "$out/"
+        TORCH_LOGS=recompiles run 240 "$step" python3 benchmarks/bench_train.py --device cuda --compile \
+            --models llamagen_L llamagen_XL --json "$out/bench_train.json" --out "$out/bench_train_gpu_compile.md"
         ;;
     tokenize)
         run 150 "$step" python3 benchmarks/bench_tokenize.py --device cuda --images 64 --batch 4 \

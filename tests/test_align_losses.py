@@ -1,4 +1,4 @@
-"""Alignment objectives: the memory-lean log-likelihood against the naive path, and the loss mechanics.
+"""Alignment objectives: the memory-lean log-likelihoods against the naive path, and the loss mechanics.
 
 The official trainers' values for both families are checked in tests/golden/test_losses.py.
 """
@@ -12,6 +12,7 @@ from testkit import close
 from ccalign.align.losses import (
     cca_loss,
     check_objective,
+    head_logp,
     make_negatives,
     mle_loss,
     preference_loss,
@@ -57,6 +58,78 @@ def test_sequence_logp_inplace_reuses_logits_buffer():
 def test_sequence_logp_rejects_bad_shapes():
     with pytest.raises(ValueError, match="targets"):
         sequence_logp(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------ fused head
+
+
+def _head_case(bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, T, C, V = 3, 7, 16, 50
+    hidden, weight = torch.randn(B, T, C, generator=g), torch.randn(V, C, generator=g) * 0.5
+    b = torch.randn(V, generator=g) if bias else None
+    targets, weights = torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g)
+    return hidden, weight, b, targets, weights
+
+
+def _run_head(fused: bool, hidden, weight, bias, targets, weights, *, dtype=None, chunk_rows=None):
+    """Per-sample log-probs and the gradients (hidden, weight, bias) of Σ weights·logp, fused or naive."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        if fused:
+            logp = head_logp(h, w, b, targets, chunk_rows=chunk_rows)
+        else:  # the model's own head, then the official log_softmax
+            logp = sequence_logp_naive(torch.nn.functional.linear(h, w, b).float(), targets)
+    (logp * weights).sum().backward()
+    return logp.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["llamagen-head", "var-head"])
+@pytest.mark.parametrize("chunk_rows", [4, 5, 1000], ids=["chunks-4", "chunks-5-ragged", "one-chunk"])
+def test_head_logp_equals_plain_head_in_float32(bias, chunk_rows):
+    """Log-probs bit-identical (each row's logits come from the same matmul and go through the same fused
+    log_softmax; the per-sample sum is the same reduction). Gradients within float32 rounding, not bit
+    for bit: softmax is exp(logit − logsumexp) rather than exp(log_softmax), and the head's gradient is
+    summed chunk by chunk (another summation order)."""
+    case = _head_case(bias)
+    logp, grads = _run_head(True, *case, chunk_rows=chunk_rows)
+    logp_naive, grads_naive = _run_head(False, *case)
+    assert logp.dtype == torch.float32 and logp.shape == (3,)
+    assert torch.equal(logp, logp_naive)
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, grads_naive, strict=True):
+        if want is None:
+            assert got is None and not bias
+            continue
+        close(got, want, atol=1e-6 * float(want.abs().max()), rtol=1e-5, what=name)
+
+
+def test_head_logp_under_bf16_autocast_matches_the_autocast_head():
+    """Matmuls in the autocast dtype, as the model's head under autocast: equal log-probs (same bf16
+    logits), gradients within bf16 rounding (the plain path also rounds the head gradient to bf16)."""
+    case = _head_case(bias=True, seed=1)
+    logp, grads = _run_head(True, *case, dtype=torch.bfloat16, chunk_rows=4)
+    logp_naive, grads_naive = _run_head(False, *case, dtype=torch.bfloat16)
+    close(logp, logp_naive, atol=1e-4, rtol=1e-6, what="logp")
+    logp32, _ = _run_head(True, *case, chunk_rows=4)
+    assert (logp - logp32).abs().max() > 1e-3  # bf16 matmuls really ran
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, grads_naive, strict=True):
+        assert got.dtype == torch.float32
+        close(got, want, atol=2e-2 * float(want.abs().max()), rtol=2e-2, what=name)
+
+
+def test_head_logp_frozen_inputs_and_bad_shapes():
+    hidden, weight, bias, targets, weights = _head_case(bias=True)
+    logp_naive, grads_naive = _run_head(False, hidden, weight, bias, targets, weights)
+    with torch.inference_mode():  # the frozen reference: no graph at all
+        frozen = head_logp(hidden, weight.clone().requires_grad_(True), bias, targets, chunk_rows=2)
+    assert frozen.grad_fn is None and torch.equal(frozen, logp_naive)
+    h = hidden.clone().requires_grad_(True)  # a frozen head: only the hidden states get a gradient
+    (head_logp(h, weight, bias, targets, chunk_rows=2) * weights).sum().backward()
+    close(h.grad, grads_naive[0], atol=1e-6 * float(grads_naive[0].abs().max()), rtol=1e-5, what="hidden")
+    assert weight.grad is None and bias.grad is None
+    with pytest.raises(ValueError, match="weight"):
+        head_logp(hidden, weight[:, :3], bias, targets)
 
 
 # ------------------------------------------------------------------------------------------------ semantics

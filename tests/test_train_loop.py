@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 from ccalign.families import get_family
 from ccalign.train import checkpoint
 from ccalign.train.data import StepSampler
-from ccalign.train.loop import train
+from ccalign.train.loop import NonFiniteError, _finite, train
 from ccalign.train.optim import LR_HOLD, lr_factor, no_decay_names, weight_decay_at
 from ccalign.train.settings import TrainSettings
 
@@ -79,7 +79,7 @@ CHILD = textwrap.dedent("""
     from ccalign.io import atomic_write
     sys.path.insert(0, {tests!r})
     from test_train_loop import SETTINGS, tiny_data, tiny_models, FAMILY
-    from ccalign.train.loop import train
+    from ccalign.train.loop import NonFiniteError, _finite, train
     from ccalign.train.settings import TrainSettings
 
     out, kill_at = sys.argv[1], int(sys.argv[2])
@@ -228,6 +228,98 @@ def test_pretrain_mle_from_scratch_learns(tmp_path: Path):
     result = train(FAMILY, model, data, settings, seed=0, out=tmp_path / "m.pt", state_dir=tmp_path / "s")
     assert result.metrics["loss"] < 0.5 * math.log(MODEL_ARGS["vocab_size"])  # last 4 steps vs uniform
     assert not (tmp_path / "s").exists()  # keep_state False: the state goes once the export is written
+
+
+def test_compiled_block_stack_trains_like_eager(tmp_path: Path):
+    """compile: true compiles each transformer block in place (CPU: inductor's C++ backend): the same
+    metrics as eager within float32 rounding (no dropout: its random streams differ once compiled), and an
+    export with the eager model's parameter names."""
+    results = {}
+    for compiled in (False, True):
+        model, reference = tiny_models()
+        settings = TrainSettings.create(**dict(SETTINGS, compile=compiled, dropout=0.0, ema=None, max_steps=4))
+        out = tmp_path / str(compiled) / "model.pt"
+        result = train(
+            FAMILY,
+            model,
+            tiny_data(),
+            settings,
+            seed=7,
+            out=out,
+            state_dir=out.parent / "s",
+            reference=reference,
+        )
+        results[compiled] = result.metrics, torch.load(out, weights_only=True)["model"]
+    (eager, eager_weights), (compiled, compiled_weights) = results[False], results[True]
+    for k in ("loss", "grad_norm", "margin"):
+        assert compiled[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-6), k
+    assert compiled_weights.keys() == eager_weights.keys()
+
+
+# ------------------------------------------------------------------------------------------------ non-finite
+
+
+def poisoned(first_step: int, seed: int):
+    """Tiny models whose code 15 embeds to NaN, and data that feeds code 15 first at (0-based) step
+    ``first_step``, in one image only: steps before it are finite, that step's loss is NaN."""
+    data = tiny_data()
+    codes = data.tensors[0] % 15  # no 15 anywhere
+    batches = list(
+        StepSampler(len(codes), global_batch=8, micro_batch=4, rank=0, world_size=1, seed=seed, stop_step=6)
+    )
+    codes[batches[2 * first_step][0], 0] = 15  # an input position (the last code is only a target)
+    model, reference = tiny_models()
+    with torch.no_grad():
+        for m in (model, reference):
+            m.tok_embeddings.weight[15] = float("nan")
+    return model, reference, TensorDataset(codes, data.tensors[1])
+
+
+def test_nonfinite_loss_stops_before_the_update(tmp_path: Path):
+    model, reference, data = poisoned(first_step=2, seed=7)
+    with pytest.raises(NonFiniteError, match=r"step 3: loss nan.*the checkpoint of step 2 stays"):
+        train(
+            FAMILY,
+            model,
+            data,
+            TrainSettings.create(**SETTINGS),
+            seed=7,
+            out=tmp_path / "model.pt",
+            state_dir=tmp_path / "state",
+            reference=reference,
+        )
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "model_ema.pt").exists()
+    state = torch.load(tmp_path / "state" / checkpoint.STATE_FILE, weights_only=True)
+    assert state["step"] == 2  # the last good step
+    weights = state["model"]  # of the TeacherForcing wrapper: "model." + the model's names
+    assert all(torch.isfinite(v).all() for k, v in weights.items() if k != "model.tok_embeddings.weight")
+    assert torch.isfinite(weights["model.tok_embeddings.weight"][:15]).all()
+    assert torch.isfinite(model.output.weight).all()  # the NaN step never reached the weights
+
+
+def test_skip_nonfinite_skips_the_step_and_finishes(tmp_path: Path):
+    model, reference, data = poisoned(first_step=2, seed=7)
+    result = train(
+        FAMILY,
+        model,
+        data,
+        TrainSettings.create(**dict(SETTINGS, skip_nonfinite=True)),
+        seed=7,
+        out=tmp_path / "model.pt",
+        state_dir=tmp_path / "state",
+        reference=reference,
+    )
+    assert result.steps == 6 and result.metrics["skipped_steps"] == 1
+    assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["grad_norm"])
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert torch.isfinite(exported["output.weight"]).all()
+
+
+def test_fp16_overflow_is_the_scalers_business():
+    loss, inf = torch.tensor(0.7), torch.tensor(float("inf"))
+    assert _finite(loss, inf, scaled=True)  # the GradScaler skips that step and lowers its scale
+    assert not _finite(loss, inf, scaled=False)
+    assert not _finite(torch.tensor(float("nan")), torch.tensor(1.0), scaled=True)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

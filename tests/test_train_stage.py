@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from testkit import BASE_TARGET, run_stage, stage_args
 
 from ccalign import cli
@@ -21,6 +25,8 @@ from ccalign.config import resolve
 from ccalign.data.cache import FORMAT, MANIFEST, shard_files
 from ccalign.families import get_family
 from ccalign.pipeline import stages
+from ccalign.train.checkpoint import STATE_FILE
+from ccalign.train.data import StepSampler
 from ccalign.train.stage import state_dir_for
 
 FAMILY = get_family("llamagen")
@@ -45,14 +51,17 @@ MODEL_ARGS = dict(
 )
 
 
-def write_cache(cache: Path, n: int = 40, family: str = "llamagen", vocab_size: int = 16) -> None:
-    """A two-shard, two-view code cache in the data module's layout."""
+def write_cache(
+    cache: Path, n: int = 40, family: str = "llamagen", vocab_size: int = 16, codes: np.ndarray | None = None
+) -> None:
+    """A two-shard, two-view code cache in the data module's layout; ``codes`` (n, 2, 4) or random."""
     g = np.random.default_rng(0)
+    codes = g.integers(0, 16, (n, 2, 4)) if codes is None else codes
     cache.mkdir(parents=True)
     shards = []
     for k, count in enumerate((n // 2, n - n // 2)):
         files = shard_files(k)
-        np.save(cache / files["codes"], g.integers(0, 16, (count, 2, 4)).astype(np.uint16))
+        np.save(cache / files["codes"], codes[k * (n // 2) :][:count].astype(np.uint16))
         np.save(cache / files["labels"], g.integers(0, 3, count).astype(np.int16))
         entry = {"index": k, "count": count, "codes": files["codes"], "labels": files["labels"]}
         for kind in ("codes", "labels"):  # the records training checks the shards against
@@ -212,3 +221,35 @@ def test_finetune_refuses_a_cache_of_another_family_or_vocabulary(tmp_path: Path
         ]
         with pytest.raises(ValueError, match=match):
             run_stage("finetune", cfg, *argv)
+
+
+def test_finetune_cli_stops_at_a_nonfinite_loss(tmp_path: Path):
+    """``ccalign finetune`` from a base whose code 15 embeds to 3.3e38 (finite: the base loads; token dropout's
+    1 / 0.9 rescaling overflows it), on a cache that feeds code 15 first at step 3: one clear error, a
+    non-zero exit, no model.pt, and the checkpoint of step 2 kept."""
+    cfg = make_config(tmp_path)
+    cfg["finetune"]["ckpt_every"] = 1
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    seed = 1
+    codes = np.random.default_rng(0).integers(0, 15, (40, 2, 4))  # no 15 anywhere
+    batches = list(
+        StepSampler(40, global_batch=8, micro_batch=4, rank=0, world_size=1, seed=seed, stop_step=5)
+    )
+    codes[batches[2 * 2][0], :, 0] = 15  # step 3's first image, both views, an input position
+    write_cache(tmp_path / "cache", codes=codes)
+    tok, base, out = tmp_path / "tokenizer.pt", tmp_path / "base.pt", tmp_path / "ft" / "model.pt"
+    FAMILY.save_tokenizer(FAMILY.build_tokenizer(TOKENIZER_ARGS), tok)
+    model = FAMILY.build_model(MODEL_ARGS)
+    with torch.no_grad():
+        model.tok_embeddings.weight[15] = 3.3e38
+    FAMILY.save_model(model, base)
+    argv = ["--model", "tiny", "--seed", str(seed), "--objective", "cca", "--lam", "2", "--base", str(base)]
+    argv += ["--tokenizer", str(tok), "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ccalign", "finetune", "--config", str(config), *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert "step 3: loss nan" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not out.exists()
+    assert torch.load(state_dir_for(out) / STATE_FILE, weights_only=True)["step"] == 2

@@ -22,10 +22,27 @@ from ccalign.align import OBJECTIVES
 ALL_OBJECTIVES = (*OBJECTIVES, "mle")  # "mle": plain maximum likelihood (pre-training)
 
 _CHUNK_ELEMENTS = 1 << 23  # logits elements handled at once (32 MiB in float32)
+# fused head: GPU chunks of >= 2048 rows (16384 codes) keep the matmuls' grids full; small chunks elsewhere
+_HEAD_CHUNK_ELEMENTS = {"cuda": 1 << 25}
+_HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 21
 
 
 # ------------------------------------------------------------------------------------------------------------
 # sequence log-probabilities
+
+
+def _rows_logp(logits: Tensor, tgt: Tensor) -> Tensor:
+    """log softmax(logits)[tgt] of a chunk of rows: logits (n, V), tgt (n, 1) -> (n,) float32.
+
+    The fused log_softmax of the naive path, so each token's value is bit-identical to it for equal logits.
+    """
+    return torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, tgt)[:, 0]
+
+
+def _rows_grad_(out: Tensor, logits: Tensor, lse: Tensor, tgt: Tensor, g: Tensor) -> Tensor:
+    """g·(onehot − softmax) of float32 logits (n, V) into ``out`` (may be the logits); lse, g: (n,)."""
+    torch.sub(logits, lse[:, None], out=out)
+    return out.exp_().mul_(-g[:, None]).scatter_add_(1, tgt, g[:, None])
 
 
 class _SequenceLogp(torch.autograd.Function):
@@ -45,7 +62,7 @@ class _SequenceLogp(torch.autograd.Function):
         token_logp = torch.empty(B * T, dtype=torch.float32, device=logits.device)
         for s in range(0, B * T, chunk_rows):
             r = slice(s, s + chunk_rows)  # one (n, V) temporary at a time
-            token_logp[r] = torch.log_softmax(flat[r], -1, dtype=torch.float32).gather(1, tgt[r])[:, 0]
+            token_logp[r] = _rows_logp(flat[r], tgt[r])
         lse = flat.gather(1, tgt)[:, 0].float() - token_logp  # logsumexp per token, (B*T,)
         ctx.save_for_backward(logits, targets, lse)
         ctx.chunk_rows, ctx.inplace = chunk_rows, inplace
@@ -59,13 +76,12 @@ class _SequenceLogp(torch.autograd.Function):
         tgt = targets.reshape(B * T, 1)
         grad = logits if ctx.inplace and logits.is_contiguous() else torch.empty_like(logits)
         flat_grad = grad.view(B * T, V)
-        g = grad_out.float().repeat_interleave(T).unsqueeze(1)  # (B*T, 1)
+        g = grad_out.float().repeat_interleave(T)  # (B*T,)
         for s in range(0, B * T, ctx.chunk_rows):
             r = slice(s, s + ctx.chunk_rows)
             dst = flat_grad[r]
             p = dst if dst.dtype == torch.float32 else torch.empty(dst.shape, device=dst.device)
-            torch.sub(flat[r], lse[r, None], out=p)  # may alias the logits (in place)
-            p.exp_().mul_(-g[r]).scatter_add_(1, tgt[r], g[r])  # g·(onehot − softmax)
+            _rows_grad_(p, flat[r], lse[r], tgt[r], g[r])  # p may alias the logits (in place)
             if p is not dst:
                 dst.copy_(p)
             del p
@@ -89,6 +105,108 @@ def sequence_logp(
         )
     rows = chunk_rows or max(1, _CHUNK_ELEMENTS // logits.shape[-1])
     return _SequenceLogp.apply(logits, targets.long(), rows, inplace_backward)
+
+
+def _head_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits of a chunk of rows as the head computes them: x (n, C) @ weightᵀ (+ bias), as float32."""
+    return F.linear(x, weight, bias).float()
+
+
+def _head_forward(x: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, rows: int):
+    """Per-token log-probs and logsumexps (N,) of x (N, C) through the head, ``rows`` rows at a time."""
+    token_logp = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    lse = torch.empty_like(token_logp)
+    for s in range(0, x.shape[0], rows):
+        r = slice(s, s + rows)
+        logits = _head_rows(x[r], weight, bias)  # (n, V): the only logits alive
+        token_logp[r] = _rows_logp(logits, tgt[r])
+        lse[r] = logits.gather(1, tgt[r])[:, 0] - token_logp[r]
+    return token_logp, lse
+
+
+class _HeadLogp(torch.autograd.Function):
+    """Output projection and per-token log p(target) fused, chunk by chunk over the N = B·T rows.
+
+    Neither pass ever holds the (N, V) logits: forward keeps the per-token logsumexp (N floats); backward
+    recomputes one chunk's logits, turns them into g·(onehot − softmax) in place and multiplies that into
+    the gradient of the hidden states (per chunk) and of the head (summed over chunks in float32). Every
+    matmul runs in ``dtype`` (the autocast dtype, as the model's own head under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tgt, rows, dtype):
+        # hidden (N, C), weight (V, C), bias (V,) or None, in their own dtypes; tgt (N, 1)
+        x, w, b = _cast(hidden, weight, bias, dtype)
+        token_logp, lse = _head_forward(x, w, b, tgt, rows)
+        ctx.save_for_backward(x, weight, bias, tgt, lse)
+        ctx.rows, ctx.hidden_dtype = rows, hidden.dtype
+        return token_logp
+
+    @staticmethod
+    def backward(ctx, grad_tokens: Tensor):
+        x, weight, bias, tgt, lse = ctx.saved_tensors
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        with torch.autocast(x.device.type, enabled=False):
+            _, w, b = _cast(None, weight, bias, x.dtype)
+            grad_x = torch.empty(x.shape, dtype=ctx.hidden_dtype, device=x.device) if want_x else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if want_b else None
+            g = grad_tokens.float()
+            for s in range(0, x.shape[0], ctx.rows):
+                r = slice(s, s + ctx.rows)
+                logits = _head_rows(x[r], w, b)  # recomputed, (n, V) float32
+                d = _rows_grad_(logits, logits, lse[r], tgt[r], g[r])
+                if want_b:
+                    grad_b += d.sum(0)
+                d = d.to(x.dtype)
+                if want_x:
+                    grad_x[r] = d @ w
+                if want_w and x.dtype == grad_w.dtype:
+                    grad_w.addmm_(d.T, x[r])  # no (V, C) temporary
+                elif want_w:
+                    grad_w += d.T @ x[r]  # a (V, C) temporary in the compute dtype
+        grad_w = grad_w.to(weight.dtype) if want_w else None
+        return grad_x, grad_w, grad_b.to(bias.dtype) if want_b else None, None, None, None
+
+
+def _cast(hidden: Tensor | None, weight: Tensor, bias: Tensor | None, dtype: torch.dtype):
+    return tuple(None if t is None else t.to(dtype) for t in (hidden, weight, bias))
+
+
+def head_logp(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    *,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """Per-sample log p(x) through the output head, never materialising the (B, T, V) logits.
+
+    hidden (B, T, C): the final normalised hidden states, with ``F.linear(hidden, weight, bias)[:, t]``
+    the logits scoring targets[:, t]; returns float32 (B,). Matmuls run in the autocast dtype when
+    autocast is on (as the model's own head would), else in the weight's dtype. Equals
+    ``sequence_logp_naive(F.linear(hidden, weight, bias).float(), targets)`` with gradients for hidden,
+    weight and bias (tests/test_align_losses.py states the tolerance). ``chunk_rows`` rows at a time:
+    by default 2^25 logits (128 MiB in float32) on GPU, 2^21 elsewhere.
+    """
+    B, T, C = hidden.shape
+    if targets.shape != (B, T) or weight.dim() != 2 or weight.shape[1] != C:
+        raise ValueError(
+            f"hidden (B, T, C), targets (B, T) and weight (V, C) expected, got {tuple(hidden.shape)}, "
+            f"{tuple(targets.shape)} and {tuple(weight.shape)}"
+        )
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    budget = _HEAD_CHUNK_ELEMENTS.get(device, _HEAD_CHUNK_ELEMENTS_DEFAULT)
+    rows = chunk_rows or max(1, budget // weight.shape[0])
+    flat, tgt = hidden.reshape(B * T, C), targets.reshape(B * T, 1).long()
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            token_logp = _HeadLogp.apply(flat, weight, bias, tgt, rows, dtype)
+        else:  # no graph to keep (the frozen reference): the forward alone
+            token_logp = _head_forward(*_cast(flat, weight, bias, dtype), tgt, rows)[0]
+    return token_logp.view(B, T).sum(dim=1)
 
 
 def sequence_logp_naive(logits: Tensor, targets: Tensor) -> Tensor:

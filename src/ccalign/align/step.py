@@ -1,8 +1,10 @@
-"""One family-agnostic training step: logits from the family adapter, loss from ``align.losses``.
+"""One family-agnostic training step: log-probabilities through the family adapter, loss from align.losses.
 
 Policy and reference each run ONE forward over the concatenated [positive; negative] batch, as the official
-trainers do; the reference runs under ``no_grad``, in train mode when ``keep_dropout`` (official runs) so
-its dropout is active, else in eval mode.
+trainers do; the reference runs under ``inference_mode`` (no autograd state at all), in train mode when
+``keep_dropout`` (official runs) so its dropout is active, else in eval mode. Both score the codes through
+``head_logp`` (the output head fused with the log-probability: no (B, T, V) logits) when the family exposes
+its pre-head states (``family.hidden``); "naive" is the official path (full logits, full log_softmax).
 """
 
 from __future__ import annotations
@@ -12,24 +14,48 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from ccalign.align.losses import make_negatives, mle_loss, preference_loss, sequence_logp
+from ccalign.align.losses import (
+    head_logp,
+    make_negatives,
+    mle_loss,
+    preference_loss,
+    sequence_logp,
+    sequence_logp_naive,
+)
+
+LOGP_PATHS = ("fused", "logits", "naive")
 
 
 class TeacherForcing(nn.Module):
-    """``forward(labels, codes) -> logits (B, T, V)`` through ``family.logits``, so DDP/FSDP can wrap it.
+    """``forward(labels, codes)``: logits (B, T, V) through ``family.logits``; with ``logp=True`` the
+    per-sample log p(codes | labels) (B,) float32 instead. A module, so DDP/FSDP can wrap it: the whole
+    log-probability runs inside the wrapper's forward (FSDP's gathered head weight included).
 
+    ``path`` picks how log p is computed: "fused" (default; ``head_logp`` on ``family.hidden``, falling
+    back to "logits" for a family without it), "logits" (full logits, then the row-chunked
+    ``sequence_logp`` writing its gradient over them), "naive" (the official full log_softmax).
     The tokenizer (VAR needs its quantizer to build the teacher-forcing inputs) is deliberately not a
     submodule: it is frozen and must be neither wrapped, nor synchronised, nor saved with the model.
     """
 
-    def __init__(self, family, model: nn.Module, tokenizer: nn.Module | None) -> None:
+    def __init__(self, family, model: nn.Module, tokenizer: nn.Module | None, path: str = "fused") -> None:
         super().__init__()
-        self.model = model
+        if path not in LOGP_PATHS:
+            raise ValueError(f"unknown log-probability path {path!r}; expected one of {LOGP_PATHS}")
+        self.model, self.path = model, path
         object.__setattr__(self, "family", family)
         object.__setattr__(self, "tokenizer", tokenizer)
 
-    def forward(self, labels: Tensor, codes: Tensor) -> Tensor:
-        return self.family.logits(self.model, self.tokenizer, labels, codes)
+    def forward(self, labels: Tensor, codes: Tensor, logp: bool = False) -> Tensor:
+        if not logp:
+            return self.family.logits(self.model, self.tokenizer, labels, codes)
+        if self.path == "fused" and hasattr(self.family, "hidden"):
+            hidden, weight, bias = self.family.hidden(self.model, self.tokenizer, labels, codes)
+            return head_logp(hidden, weight, bias, codes)
+        logits = self.family.logits(self.model, self.tokenizer, labels, codes).float()  # (B, T, V)
+        if self.path == "naive":
+            return sequence_logp_naive(logits, codes)
+        return sequence_logp(logits, codes, inplace_backward=True)  # nothing reads these logits again
 
 
 def contrastive_step(
@@ -57,13 +83,10 @@ def contrastive_step(
     all_codes = torch.cat([codes, codes])  # (2B, T): both halves score the same images
     reference.train(keep_dropout)
     with autocast or contextlib.nullcontext():
-        with torch.no_grad():
-            ref_logits = reference(all_labels, all_codes)  # (2B, T, V)
-        logits = policy(all_labels, all_codes)  # (2B, T, V)
-    ref_logp = sequence_logp(ref_logits, all_codes)
-    del ref_logits
-    # the policy logits are read by nothing after backward, so their buffer can hold their own gradient
-    logp = sequence_logp(logits, all_codes, inplace_backward=True)
+        with torch.inference_mode():
+            ref_logp = reference(all_labels, all_codes, logp=True)  # (2B,)
+        logp = policy(all_labels, all_codes, logp=True)  # (2B,)
+    ref_logp = ref_logp.clone()  # an ordinary tensor: inference tensors may not enter autograd
     loss, metrics = preference_loss(
         objective,
         logp,
@@ -97,6 +120,5 @@ def mle_step(
         drop = (torch.rand(labels.shape[0], generator=generator) < class_dropout).to(labels.device)
         labels = torch.where(drop, num_classes, labels)
     with autocast or contextlib.nullcontext():
-        logits = model(labels, codes)  # (B, T, V)
-    logp = sequence_logp(logits, codes, inplace_backward=True)
+        logp = model(labels, codes, logp=True)  # (B,)
     return mle_loss(logp, num_tokens=codes.shape[1])

@@ -57,6 +57,9 @@ class Family(Protocol):
     def logits(
         self, model: nn.Module, tokenizer: nn.Module, labels: torch.Tensor, codes: torch.Tensor
     ) -> torch.Tensor: ...  # teacher forcing: (B, T, V), logits[:, t] predicts codes[:, t]
+    # optional, for the fused log-probability of training (align.step.TeacherForcing falls back to logits):
+    # def hidden(model, tokenizer, labels, codes) -> (hidden (B, T, C), head weight (V, C), bias (V,) | None)
+    # with F.linear(hidden, weight, bias) equal to logits(...)
     def generate(
         self,
         model: nn.Module,

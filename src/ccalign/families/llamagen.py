@@ -108,6 +108,13 @@ class LlamaGenFamily:
         """Teacher forcing as the official fine-tuning call: (B, T, V), logits[:, t] predicts codes[:, t]."""
         return model(codes[:, :-1], labels)[0]
 
+    def hidden(
+        self, model: Transformer, tokenizer: VQModel, labels: torch.Tensor, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Teacher forcing up to the head: (hidden (B, T, dim), head weight (V, dim), no bias), with
+        ``F.linear(hidden, weight)`` the logits of ``logits`` (for the fused log-probability)."""
+        return model.hidden_states(codes[:, :-1], labels), model.output.weight, None
+
     def generate(
         self,
         model: Transformer,

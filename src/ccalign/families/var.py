@@ -128,12 +128,24 @@ class VARFamily:
 
     def logits(self, model: VAR, tokenizer: VQVAE, labels: Tensor, codes: Tensor) -> Tensor:
         """Teacher-forcing logits (B, L, V); logits[:, t] predicts codes[:, t]."""
+        return model(labels, self._inputs(model, tokenizer, codes))
+
+    def hidden(
+        self, model: VAR, tokenizer: VQVAE, labels: Tensor, codes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher forcing up to the head: (hidden (B, L, C), head weight (V, C), head bias (V,)), with
+        ``F.linear(hidden, weight, bias)`` the logits of ``logits`` (for the fused log-probability)."""
+        hidden = model.hidden_states(labels, self._inputs(model, tokenizer, codes))
+        return hidden, model.head.weight, model.head.bias
+
+    @staticmethod
+    def _inputs(model: VAR, tokenizer: VQVAE, codes: Tensor) -> Tensor:
+        """The teacher-forcing inputs (B, L - first_l, Cvae) of flat codes (B, L)."""
         import torch
 
         model.check_tokenizer(tokenizer)
         with torch.no_grad():
-            x = tokenizer.codes_to_var_input(tokenizer.split_codes(codes))
-        return model(labels, x)
+            return tokenizer.codes_to_var_input(tokenizer.split_codes(codes))
 
     def generate(
         self,

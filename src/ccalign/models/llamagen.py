@@ -339,6 +339,28 @@ class Transformer(nn.Module):
 
     # -- forward
 
+    def hidden_states(
+        self,
+        idx: torch.Tensor | None,
+        cond_idx: torch.Tensor | None,
+        input_pos: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """The final normalised hidden states (B, S', dim) that ``output`` maps to the logits of ``forward``
+        (same arguments and modes)."""
+        if input_pos is None:
+            h = torch.cat([self.cls_embedding(cond_idx), self.tok_embeddings(idx)], dim=1)  # (B, 1+S, dim)
+            freqs_cis = self._rope(h.device)[: h.shape[1]]
+            mask = None
+        else:
+            h = self.cls_embedding(cond_idx) if cond_idx is not None else self.tok_embeddings(idx)
+            freqs_cis = self._rope(h.device)[input_pos]  # (S, hd/2, 2)
+            mask = self.causal_mask[input_pos][None, None, :, :kv_len]  # (1, 1, S, kv_len): slots <= pos
+        h = self.tok_dropout(h)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask, input_pos, kv_len)
+        return self.norm(h)
+
     def forward(
         self,
         idx: torch.Tensor | None,
@@ -358,18 +380,7 @@ class Transformer(nn.Module):
         reads the first ``kv_len`` cache slots (None: all of them), which must cover every position <= the
         largest of ``input_pos``.
         """
-        if input_pos is None:
-            h = torch.cat([self.cls_embedding(cond_idx), self.tok_embeddings(idx)], dim=1)  # (B, 1+S, dim)
-            freqs_cis = self._rope(h.device)[: h.shape[1]]
-            mask = None
-        else:
-            h = self.cls_embedding(cond_idx) if cond_idx is not None else self.tok_embeddings(idx)
-            freqs_cis = self._rope(h.device)[input_pos]  # (S, hd/2, 2)
-            mask = self.causal_mask[input_pos][None, None, :, :kv_len]  # (1, 1, S, kv_len): slots <= pos
-        h = self.tok_dropout(h)
-        for layer in self.layers:
-            h = layer(h, freqs_cis, mask, input_pos, kv_len)
-        logits = self.output(self.norm(h)).float()  # (B, S', V)
+        logits = self.output(self.hidden_states(idx, cond_idx, input_pos, kv_len)).float()  # (B, S', V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))

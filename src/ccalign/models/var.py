@@ -301,12 +301,21 @@ class VAR(nn.Module):
             return cond_BD
         return self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.cfg.embed_dim)
 
+    def head_input(self, h: Tensor, cond_BD: Tensor) -> Tensor:
+        """What ``head`` receives: the float32 AdaLN of h, cast to the head weights' dtype."""
+        return self.head_nm(h.float(), cond_BD).to(self.head.weight.dtype)
+
     def get_logits(self, h: Tensor, cond_BD: Tensor) -> Tensor:
-        # float32 AdaLN; the head itself in the weights' dtype (or the autocast dtype)
-        return self.head(self.head_nm(h.float(), cond_BD).to(self.head.weight.dtype)).float()
+        # the head itself in the weights' dtype (or the autocast dtype)
+        return self.head(self.head_input(h, cond_BD)).float()
 
     def forward(self, labels: Tensor, x_BLCv_wo_first_l: Tensor) -> Tensor:
-        """Teacher forcing: labels (B,), inputs (B, L - first_l, Cvae) -> logits (B, L, V).
+        """Teacher forcing: labels (B,), inputs (B, L - first_l, Cvae) -> logits (B, L, V) (see
+        ``hidden_states``)."""
+        return self.head(self.hidden_states(labels, x_BLCv_wo_first_l)).float()
+
+    def hidden_states(self, labels: Tensor, x_BLCv_wo_first_l: Tensor) -> Tensor:
+        """Teacher forcing up to the head: labels (B,), inputs (B, L - first_l, Cvae) -> (B, L, C).
 
         Labels equal to num_classes are unconditional. In training mode each label is replaced by the null
         class with probability cond_drop_rate (global RNG). Under autocast the embeddings are computed in
@@ -328,7 +337,7 @@ class VAR(nn.Module):
             x, cond, attn_bias = x.to(dtype), cond.to(dtype), attn_bias.to(dtype)
         for block in self.blocks:
             x = block(x, cond, attn_bias)
-        return self.get_logits(x, cond_BD)
+        return self.head_input(x, cond_BD)
 
     @torch.no_grad()
     def generate(

@@ -2,8 +2,10 @@
 
 nanoGPT's mechanics (torchrun DDP, autocast with a GradScaler for fp16, gradient accumulation that syncs only
 on the last micro-step, unscale-then-clip) plus what the official CCA loops lack: FSDP as an option, a
-resumable state (optimizer, scaler, EMA, RNG, data position) written atomically, and an export in the
-family's official layout.
+resumable state (optimizer, scaler, EMA, RNG, data position) written atomically, an export in the
+family's official layout, and a stop at the first non-finite loss or gradient norm. The next micro-batch is
+fetched (and its host→device copy issued) while the device computes the current one; ``compile`` compiles
+each block of the model's block stack (regional compilation: one compiled block serves every layer).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MAX_FP16_SCALE = 2.0**15  # VAR's AmpOptimizer caps the loss scale here (fp16 overflows past 65504)
 
 
+class NonFiniteError(ValueError):
+    """A step's loss or gradient norm was not finite and the settings do not allow skipping it."""
+
+
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps of the whole run
@@ -63,6 +69,27 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _compile_blocks(model: nn.Module) -> None:
+    """torch.compile, in place, every block of the model's block stack(s) (the children of its ModuleLists).
+
+    Parameter names are unchanged, so checkpoints and exports are those of the eager model.
+    """
+    for m in list(model.modules()):
+        if isinstance(m, nn.ModuleList):
+            for block in m:
+                block.compile()
+
+
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> bool:
+    """Whether a step's loss (summed over its micro-batches) and gradient norm are finite on every process.
+
+    With the fp16 GradScaler on, a non-finite gradient is its business (it skips the step and lowers the
+    scale); a non-finite loss never is. One host-device sync per optimizer step.
+    """
+    checked = torch.stack([loss.float(), torch.zeros_like(loss) if scaled else grad_norm.float()])
+    return bool(torch.isfinite(all_reduce_mean(checked)).all())
 
 
 def _clip(wrapped: nn.Module, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -113,6 +140,8 @@ def train(
     ``family.logits``. Restarting with the same arguments resumes from ``state_dir``. The final weights go to
     ``out`` through ``family.save_model`` (EMA weights, when kept, to ``<stem>_ema<suffix>``). ``run``: the
     stage's tracking run (rank 0 logs metrics to it).
+    A non-finite loss or gradient norm raises NonFiniteError before the update (nothing exported, the
+    last checkpoint kept) unless ``settings.skip_nonfinite``, which skips that step instead.
     """
     s = settings
     contrastive = s.objective in OBJECTIVES
@@ -143,19 +172,21 @@ def train(
         if m is not None and s.dropout is not None:
             _set_dropout(m, s.dropout)
     model.to(env.device).train()
+    if s.compile:
+        for m in (model, reference):
+            if m is not None:
+                _compile_blocks(m)
     if tokenizer is not None:
         tokenizer.to(env.device).eval().requires_grad_(False)
     lm = TeacherForcing(family, model, tokenizer)
     no_decay = no_decay_names(lm, family.no_decay_keys)
     ema = EMA(model) if s.ema is not None else None
     wrapped = wrap(lm, env, fsdp=s.fsdp, param_dtype=param_dtype)
-    policy = torch.compile(wrapped) if s.compile else wrapped
     ref_lm = None
     if contrastive:
         ref_lm = TeacherForcing(family, reference.to(env.device).requires_grad_(False), tokenizer)
         if s.fsdp:  # the frozen copy is sharded too (official XXL/3B script)
             ref_lm = wrap(ref_lm, env, fsdp=True, param_dtype=param_dtype)
-        ref_lm = torch.compile(ref_lm) if s.compile else ref_lm
     optimizer = build_optimizer(
         wrapped, no_decay, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas, device=env.device
     )
@@ -216,7 +247,7 @@ def train(
         with contextlib.nullcontext() if sync else wrapped.no_sync():
             if contrastive:
                 loss, metrics = contrastive_step(
-                    policy,
+                    wrapped,
                     ref_lm,
                     labels,
                     codes,
@@ -231,7 +262,7 @@ def train(
                 )
             else:
                 loss, metrics = mle_step(
-                    policy,
+                    wrapped,
                     labels,
                     codes,
                     class_dropout=s.class_dropout,
@@ -262,38 +293,68 @@ def train(
             start,
         )
 
-    batches, epoch, window, last = None, -1, _Window(), {}
-    bar = progress(total=total, initial=start, desc=s.objective, unit="step") if env.is_main else None
-    for step in range(start, total):
-        if step // steps_per_epoch != epoch:  # new epoch: the dataset draws its views, the loader restarts
+    def micro_batches():
+        """(codes, labels) on the device for every micro-batch from step ``start`` on, epoch by epoch."""
+        step = start
+        while step < total:  # each epoch: the dataset draws its views, the loader restarts
             epoch = step // steps_per_epoch
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             sampler.start_step, sampler.stop_step = step, min(total, (epoch + 1) * steps_per_epoch)
-            batches = iter(loader)
+            for batch in loader:
+                yield tuple(t.to(env.device, non_blocking=True) for t in batch)
+            step = sampler.stop_step
+
+    batches = micro_batches()
+    pending, window, last, skipped, saved = next(batches, None), _Window(), {}, 0, start
+    bar = progress(total=total, initial=start, desc=s.objective, unit="step") if env.is_main else None
+    for step in range(start, total):
         lr = s.lr * lr_factor(
             step, total, warmup=s.warmup_steps, warmup_start=s.warmup_start, lr_end=s.lr_end
         )
         set_schedule(optimizer, lr, weight_decay_at(step, total, s.weight_decay, s.weight_decay_end))
+        step_metrics = []
         for m in range(accum):
-            codes, labels = (t.to(env.device, non_blocking=True) for t in next(batches))
-            window.add(micro_step(step, m, codes, labels), weight=1 / accum)
+            step_metrics.append(micro_step(step, m, *pending))
+            pending = next(batches, None)  # fetched while the device computes this micro-batch
         scaler.unscale_(optimizer)
         grad_norm = _clip(wrapped, params, s.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.is_enabled() and scaler.get_scale() > _MAX_FP16_SCALE:
-            scaler.update(_MAX_FP16_SCALE)
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, s.ema)
-        window.add({"grad_norm": grad_norm})
-        window.steps += 1
         done = step + 1
+        loss = sum(mt["loss"] for mt in step_metrics)
+        if _finite(loss, grad_norm, scaler.is_enabled()):
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.is_enabled() and scaler.get_scale() > _MAX_FP16_SCALE:
+                scaler.update(_MAX_FP16_SCALE)
+            if ema is not None:
+                ema.update(model, s.ema)
+            for mt in step_metrics:
+                window.add(mt, weight=1 / accum)
+            window.add({"grad_norm": grad_norm})
+            window.steps += 1
+        elif s.skip_nonfinite:
+            skipped += 1
+            log.warning(
+                "step %d: loss %.6g, gradient norm %.6g: update skipped (skip_nonfinite)",
+                done,
+                float(loss),
+                float(grad_norm),
+            )
+            if scaler.is_enabled():  # as the scaler does for an overflow: lower the scale
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        else:
+            kept = f"the checkpoint of step {saved} stays in {state_dir}" if saved else "no checkpoint yet"
+            raise NonFiniteError(
+                f"step {done}: loss {float(loss):.6g}, gradient norm {float(grad_norm):.6g} is not finite; "
+                f"training stopped before this update and exported nothing ({kept}). Lower the learning "
+                "rate or check the base weights; skip_nonfinite: true in the stage's settings skips such "
+                "steps instead"
+            )
+        optimizer.zero_grad(set_to_none=True)
         if bar is not None:
             bar.update(1)
 
-        if done % s.log_every == 0 or done == total:
+        if (done % s.log_every == 0 or done == total) and window.steps:
             images = window.steps * s.global_batch
             tokens = images * seq_len * (2 if contrastive else 1)  # policy tokens: [pos; neg] if contrastive
             last, seconds = window.read(env.device)
@@ -306,6 +367,8 @@ def train(
             )
             if scaler.is_enabled():
                 last["loss_scale"] = scaler.get_scale()
+            if skipped:
+                last["skipped_steps"] = skipped
             if env.is_main:
                 if run is not None:
                     run.log_metrics(last, step=done)
@@ -320,6 +383,7 @@ def train(
                 )
         if done % s.ckpt_every == 0 or done == total:
             save(done)
+            saved = done
     if bar is not None:
         bar.close()
 

@@ -27,7 +27,8 @@ def build_optimizer(
     betas: tuple[float, float],
     device: torch.device,
 ) -> torch.optim.AdamW:
-    """AdamW with a decay and a no-decay group (``no_decay``: unwrapped names); fused on CUDA, as upstream."""
+    """AdamW with a decay and a no-decay group (``no_decay``: unwrapped names); fused on CUDA (as upstream)
+    and on CPU (2–4× faster than the for-loop update there, benchmarks/results/bench_train.md)."""
     groups: dict[bool, list] = {False: [], True: []}
     for name, p in wrapped.named_parameters():
         if p.requires_grad:
@@ -39,7 +40,7 @@ def build_optimizer(
         ],
         lr=lr,
         betas=betas,
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),
     )
 
 

@@ -48,6 +48,7 @@ class TrainSettings:
     seed_offset: int
     num_workers: int
     keep_state: bool
+    skip_nonfinite: bool
     extra: dict
 
     @classmethod
