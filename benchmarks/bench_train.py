@@ -457,7 +457,8 @@ def run_official_var(case: Case, device: torch.device, official: Path, batch: in
             var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
             ref.load_state_dict(var.state_dict())
             # VAR_finetune.py's no-decay keys: ccalign's VAR list without "bias" (filter_params adds biases)
-            names, paras, groups = filter_params(var, nowd_keys=set(get_family("var").no_decay_keys) - {"bias"})
+            nowd_keys = set(get_family("var").no_decay_keys) - {"bias"}
+            names, paras, groups = filter_params(var, nowd_keys=nowd_keys)
         adamw = torch.optim.AdamW(
             groups, lr=s.lr, weight_decay=0, betas=(0.9, 0.95), fused=device.type == "cuda"
         )

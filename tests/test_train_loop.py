@@ -237,7 +237,8 @@ def test_compiled_block_stack_trains_like_eager(tmp_path: Path):
     results = {}
     for compiled in (False, True):
         model, reference = tiny_models()
-        settings = TrainSettings.create(**dict(SETTINGS, compile=compiled, dropout=0.0, ema=None, max_steps=4))
+        overrides = dict(compile=compiled, dropout=0.0, ema=None, max_steps=4)
+        settings = TrainSettings.create(**{**SETTINGS, **overrides})
         out = tmp_path / str(compiled) / "model.pt"
         result = train(
             FAMILY,

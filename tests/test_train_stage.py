@@ -224,9 +224,9 @@ def test_finetune_refuses_a_cache_of_another_family_or_vocabulary(tmp_path: Path
 
 
 def test_finetune_cli_stops_at_a_nonfinite_loss(tmp_path: Path):
-    """``ccalign finetune`` from a base whose code 15 embeds to 3.3e38 (finite: the base loads; token dropout's
-    1 / 0.9 rescaling overflows it), on a cache that feeds code 15 first at step 3: one clear error, a
-    non-zero exit, no model.pt, and the checkpoint of step 2 kept."""
+    """``ccalign finetune`` from a base whose code 15 embeds to 3.3e38 (finite: the base loads; token
+    dropout's 1 / 0.9 rescaling overflows it), on a cache that feeds code 15 first at step 3: one clear
+    error, a non-zero exit, no model.pt, and the checkpoint of step 2 kept."""
     cfg = make_config(tmp_path)
     cfg["finetune"]["ckpt_every"] = 1
     config = tmp_path / "config.yaml"
