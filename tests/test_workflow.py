@@ -17,6 +17,7 @@ from ccalign.cli import build_parser
 from ccalign.config import load_config
 from ccalign.families import get_family
 from ccalign.pipeline import Plan, code_files, dvc_yaml, fmt, record_path, snakemake_plan, stages
+from ccalign.tracking import run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,6 +67,13 @@ def test_jobs_come_after_the_jobs_they_read_from(configfile):
     for job in plan_of(configfile).jobs():
         assert all(p in seen for p in job.input_files if p in producers), job.name
         seen |= set(job.outputs.values())
+
+
+@pytest.mark.parametrize("configfile", CONFIGS)
+def test_every_job_has_its_own_run_name(configfile):
+    """MLflow run names tell jobs apart (e.g. CCA and CCA+CFG at the same λ differ in β)."""
+    names = [run_name(j.stage.name, j.labels) for j in plan_of(configfile).jobs()]
+    assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)[:4]
 
 
 def _rules() -> dict[str, dict[str, dict[str, str]]]:

@@ -102,13 +102,16 @@ def git_lineage() -> dict[str, str]:
 
 
 def run_name(stage: str, labels: dict[str, str]) -> str:
-    """``sample · llamagen_tiny · cca λ=3 · g=1 · seed 0`` from a job's labels."""
+    """``sample · llamagen_tiny · cca λ=3 · g=1 · seed 0`` from a job's labels (β and the unconditional ratio
+    follow λ when the variant sets them: ``cca λ=1 β=0.1``)."""
     variant = labels.get("objective")
-    if variant and labels.get("lambda") is not None:
-        variant += f" λ={labels['lambda']}"
+    if variant:
+        symbols = (("lambda", "λ"), ("beta", "β"), ("uncond_ratio", "u"))
+        variant = " ".join([variant, *(f"{s}={labels[k]}" for k, s in symbols if labels.get(k) is not None)])
+    subjects = ("model", "tokenizer", "dataset", "artifact", "target")
     parts = [
         stage,
-        labels.get("model") or labels.get("tokenizer") or labels.get("dataset") or labels.get("artifact"),
+        next((labels[k] for k in subjects if k in labels), None),
         variant,
         f"g={labels['guidance']}" if "guidance" in labels else None,
         f"seed {labels['seed']}" if "seed" in labels else None,
