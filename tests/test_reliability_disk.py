@@ -14,7 +14,18 @@ import subprocess
 import sys
 
 import pytest
-from testkit import BASE, CACHE, CLASSIFIER, ROOT, SAMPLES, SMOKE, TOKENIZER, cli, error_lines, run_cli_jobs
+from testkit import (
+    BASE,
+    CACHE,
+    CLASSIFIER,
+    ROOT,
+    SAMPLES,
+    TOKENIZER,
+    cli,
+    error_lines,
+    run_cli_jobs,
+    sample_argv,
+)
 
 from ccalign.errors import DiskFullError, describe
 
@@ -103,18 +114,9 @@ def test_full_disk_is_one_message_and_the_same_command_resumes(smoke_run, tmp_pa
 def test_a_file_size_limit_is_one_message(smoke_run, tmp_path):
     root = shutil.copytree(smoke_run[0], tmp_path / "work")
     out = tmp_path / "samples.npz"
-    argv = [
-        "sample",
-        "--config",
-        str(SMOKE),
-        "--set",
-        "tracking.defer=true",
-        "--set",
-        f"data_root={tmp_path}",
-    ]
-    argv += ["--model", "llamagen_tiny", "--checkpoint", BASE, "--tokenizer", TOKENIZER, "--guidance", "1"]
+    argv = sample_argv(root, tmp_path, out)
     proc = subprocess.run(
-        [sys.executable, "-m", "ccalign", *argv, "--out", str(out)],
+        [sys.executable, "-m", "ccalign", *argv],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
         capture_output=True,

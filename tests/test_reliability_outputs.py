@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from testkit import BASE, ROOT, SAMPLES, SMOKE, SMOKE_CHAIN, TOKENIZER, error_lines, run_cli_jobs
+from testkit import ROOT, SAMPLES, SMOKE_CHAIN, error_lines, run_cli_jobs, sample_argv
 
 import ccalign.io as io_module
 from ccalign.errors import OutputBusyError
@@ -158,24 +158,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_second_sampler_on_the_same_output_stops_naming_the_first(smoke_run, tmp_path):
     root, _ = smoke_run
     out = tmp_path / "samples.npz"
-    argv = [
-        "sample",
-        "--config",
-        str(SMOKE),
-        "--set",
-        "tracking.defer=true",
-        "--set",
-        f"data_root={tmp_path}",
-    ]
-    argv += [
-        "--model",
-        "llamagen_tiny",
-        "--checkpoint",
-        str(root / BASE),
-        "--tokenizer",
-        str(root / TOKENIZER),
-    ]
-    argv += ["--guidance", "1", "--out", str(out)]
+    argv = sample_argv(root, tmp_path, out)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     go = tmp_path / "go"
     first = subprocess.Popen(

@@ -357,9 +357,14 @@ def run_cli_jobs(jobs: list, cwd: Path, prefix: list[str] = (), umask: int | Non
     return results
 
 
+def smoke_argv(stage: str, *args: str) -> list[str]:
+    """``ccalign`` arguments: ``<stage> --config smoke.yaml --set tracking.defer=true <args>``."""
+    return [stage, "--config", str(SMOKE), "--set", "tracking.defer=true", *args]
+
+
 def cli(label: str, stage: str, *args: str) -> list:
-    """A job of ``run_cli_jobs``: ``ccalign <stage> --config smoke.yaml --set tracking.defer=true <args>``."""
-    return ["cli", label, [stage, "--config", str(SMOKE), "--set", "tracking.defer=true", *args]]
+    """A job of ``run_cli_jobs``: ``smoke_argv(stage, *args)``."""
+    return ["cli", label, smoke_argv(stage, *args)]
 
 
 # The smoke experiment's LlamaGen chain, paths relative to the working directory.
@@ -368,6 +373,23 @@ CACHE = "data/cache/vq_tiny"
 CLASSIFIER = "data/classifier/classifier.pt"
 BASE = "data/pretrain/model.pt"
 SAMPLES = "data/samples/samples.npz"
+
+
+def sample_argv(root: Path, data_root: Path, out: Path) -> list[str]:
+    """``ccalign`` arguments sampling the chain's base model (in ``root``), guidance-free, to ``out``."""
+    args = (
+        "--model",
+        "llamagen_tiny",
+        "--checkpoint",
+        str(root / BASE),
+        "--tokenizer",
+        str(root / TOKENIZER),
+    )
+    return smoke_argv(
+        "sample", "--set", f"data_root={data_root}", *args, "--guidance", "1", "--out", str(out)
+    )
+
+
 SMOKE_CHAIN = [
     cli("prepare-data", "prepare-data", "--out", "data/raw/digits"),
     cli(

@@ -103,7 +103,9 @@ def test_paper_finetune_jobs_request_gpus_the_plugin_way(tmp_path, artifacts_dir
     jobs = dry_run_jobs((artifacts_dir / "paper_dry_run.log").read_text(), "finetune")
     cfg = load_config(ws / "config/paper.yaml")
     planned = {j.output for j in Plan(cfg, "config/paper.yaml").jobs() if j.stage.name == "finetune"}
-    assert {j["output"].split(", ")[0] for j in jobs} == planned  # every model, every variant the targets fine-tune
+    assert {
+        j["output"].split(", ")[0] for j in jobs
+    } == planned  # every model, every variant the targets fine-tune
     print(f"paper dry run: {dry.seconds:.0f} s, {len(jobs)} finetune jobs")
 
     for job in jobs:
