@@ -74,7 +74,7 @@ def main(cfg: dict, args: argparse.Namespace) -> None:
     aggs = report.aggregate(rows)
     sets = [(m, v.name, g) for m, v, g in target_sets(cfg, args.target)]
     table = report.table(sets, aggs, paper_rows(cfg, args.target))
-    title = f"{args.target}: {t['description']}"
+    title = args.target  # the description follows as the first paragraph
     grids = {str(Path(g).parent): g for g in args.grids}
     # the DAG's last jobs send their own run live, and with it every run the other stages buffered
     with stage_run(cfg, SPEC.name, args.labels, defer=False) as run:
