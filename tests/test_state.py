@@ -59,3 +59,16 @@ def test_a_dvc_yaml_of_another_config_is_left_alone(repo):
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {}}))
     make_outputs(plan, root)
     assert not state.commit_to_dvc(plan, root) and not calls
+
+
+def test_lock_entries_of_stages_no_longer_in_dvc_yaml_are_dropped(repo):
+    plan, root, _ = repo
+    make_outputs(plan, root)
+    kept = plan.jobs()[0].name
+    entry = {"cmd": "x", "outs": [{"path": "a", "md5": "0"}]}
+    (root / "dvc.lock").write_text(
+        yaml.safe_dump({"schema": "2.0", "stages": {kept: entry, "finetune-of-another-config": entry}})
+    )
+    assert state.commit_to_dvc(plan, root)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock == {"schema": "2.0", "stages": {kept: entry}}

@@ -150,14 +150,19 @@ def test_paper_dry_run_on_slurm_gives_every_finetune_job_its_gpus():
         assert (res["nodes"] > 1) == (m in ("llamagen_XXL", "llamagen_3B"))
 
 
-# jobs per stage of each paper target (README "Reproducing the paper" shows the same table)
-PAPER_TARGETS = {
-    "table2": {"fetch": 13, "tokenize": 2, "finetune": 9, "sample": 27, "evaluate": 27, "report": 1},
-    "table3": {"fetch": 6, "tokenize": 2, "finetune": 6, "sample": 8, "evaluate": 8, "report": 1},
-    "fig4": {"fetch": 6, "tokenize": 2, "finetune": 12, "sample": 27, "evaluate": 27, "report": 1},
-    "fig5": {"fetch": 4, "tokenize": 1, "finetune": 4, "sample": 16, "evaluate": 16, "report": 1},
-    "fig6": {"fetch": 8, "tokenize": 1, "finetune": 10, "sample": 45, "evaluate": 45, "report": 1},
-}
+def _readme_target_jobs() -> dict[str, dict[str, int]]:
+    """README "Reproducing the paper": jobs per stage of each paper target, as its table states them."""
+    text = (ROOT / "README.md").read_text()
+    stages = re.search(r"^\| target \| paper \| jobs \(([\w /]+)\) \|", text, re.M).group(1).split(" / ")
+    rows = re.findall(r"^\| `(\w+)` \| [^|]* \| ([\d / ]+) \|", text, re.M)
+    return {t: dict(zip(stages, map(int, counts.split(" / ")), strict=True)) for t, counts in rows}
+
+
+PAPER_TARGETS = _readme_target_jobs()
+
+
+def test_the_readme_table_lists_every_paper_target():
+    assert set(PAPER_TARGETS) == set(load_config(ROOT / "config/paper.yaml")["targets"])
 
 
 @pytest.mark.parametrize("target", sorted(PAPER_TARGETS))

@@ -357,6 +357,17 @@ def run_cli_jobs(jobs: list, cwd: Path, prefix: list[str] = (), umask: int | Non
     return results
 
 
+def one_family(cfg: dict, family: str) -> dict:
+    """``cfg`` (a smoke-like config) reduced to ``family``'s models and tokenizers: half the jobs. Target sets
+    of the other family's models only are dropped."""
+    for section in ("models", "tokenizers"):
+        cfg[section] = {k: v for k, v in cfg[section].items() if v["family"] == family}
+    kept = set(cfg["models"])
+    for target in cfg["targets"].values():
+        target["sets"] = [s for s in target["sets"] if set(s.get("models", kept)) & kept]
+    return cfg
+
+
 def smoke_argv(stage: str, *args: str) -> list[str]:
     """``ccalign`` arguments: ``<stage> --config smoke.yaml --set tracking.defer=true <args>``."""
     return [stage, "--config", str(SMOKE), "--set", "tracking.defer=true", *args]

@@ -8,7 +8,8 @@ handlers, in the one Snakemake process that schedules the jobs):
   and ``dvc push`` ships the data. One process at the end, after every job, never races another DVC command
   of this invocation (DVC takes its repository lock; jobs running in parallel would contend for it). Skipped,
   with one line saying why, when the repository has no DVC or its ``dvc.yaml`` was generated for another
-  config (``ccalign plan --dvc`` makes the one for a config).
+  config (``ccalign plan --dvc`` makes the one for a config). Entries of dvc.lock for stages that dvc.yaml no
+  longer has (another config ran here before) are dropped: the lock describes this pipeline only.
 - **MLflow**: the runs the jobs buffered are sent and the invocation's parent run is closed.
 
 The reverse needs nothing: after ``dvc repro`` every output is newer than its inputs, so Snakemake has
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from ccalign.io import atomic_write_text
 from ccalign.log import get_logger
 from ccalign.pipeline import Plan, dvc_yaml
 
@@ -71,8 +73,22 @@ def commit_to_dvc(plan: Plan, root: Path = Path()) -> bool:
             "dvc commit failed (%s); run `dvc commit --force` to record the outputs", done.stderr.strip()
         )
         return False
+    _drop_stale_lock_entries(root, {j.name for j in plan.jobs()})
     log.info("DVC: %d stages recorded in dvc.lock and the cache", len(stages))
     return True
+
+
+def _drop_stale_lock_entries(root: Path, stages: set[str]) -> None:
+    """Remove dvc.lock entries of stages that are not in dvc.yaml (DVC itself keeps them forever)."""
+    path = root / "dvc.lock"
+    if not path.is_file():
+        return
+    lock = yaml.safe_load(path.read_text()) or {}
+    stale = set(lock.get("stages", {})) - stages
+    if stale:
+        lock["stages"] = {k: v for k, v in lock["stages"].items() if k not in stale}
+        atomic_write_text(yaml.safe_dump(lock, sort_keys=False), path)
+        log.info("DVC: %d entries of stages no longer in dvc.yaml dropped from dvc.lock", len(stale))
 
 
 def _files(path: Path) -> list[Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testkit import one_family
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -55,9 +56,7 @@ def copy_repo(dest: Path) -> Path:
 
 def keep_one_family(ws: Path, family: str = "llamagen") -> str:
     """Rewrite the workspace's smoke config to ``family``'s models and tokenizers only (half the jobs)."""
-    cfg = yaml.safe_load((ws / SMOKE).read_text())
-    for section in ("models", "tokenizers"):
-        cfg[section] = {k: v for k, v in cfg[section].items() if v["family"] == family}
+    cfg = one_family(yaml.safe_load((ws / SMOKE).read_text()), family)
     (ws / SMOKE).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return family
 
