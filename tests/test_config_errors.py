@@ -47,6 +47,7 @@ def delitem(path: str):
 def only_llamagen(cfg: dict) -> None:
     for target in cfg["targets"].values():
         target["models"] = ["llamagen_tiny"]
+        target["sets"] = [s for s in target["sets"] if "llamagen_tiny" in s.get("models", target["models"])]
 
 
 # name → (config text, what the one line must name besides the file)

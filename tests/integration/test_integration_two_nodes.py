@@ -68,6 +68,7 @@ def write_config(ws: Path) -> dict:
     keep_one_family(ws)
     cfg = yaml.safe_load((ws / SMOKE).read_text())
     cfg["models"] = {MODEL: {**cfg["models"][MODEL], **copy.deepcopy(OVERLAY)}}
+    cfg["targets"] = {"table2": cfg["targets"]["table2"]}  # one CCA fine-tuning job
     (ws / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return load_config(ws / CONFIG)
 
@@ -97,6 +98,16 @@ class Cluster:
             assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s"
             time.sleep(0.5)
         return state
+
+    def requeue(self, job: str, timeout: float = 60) -> None:
+        """Requeue a finished job to start now; returns once Slurm shows it queued again (the controller
+        applies the request asynchronously: right after it, the job may still read FAILED)."""
+        self("scontrol", "requeue", job)
+        self("scontrol", "update", f"JobId={job}", "StartTime=now")  # Slurm holds requeued jobs ~2 min
+        deadline = time.monotonic() + timeout
+        while (state := self.state(job)) in DONE:
+            assert time.monotonic() < deadline, f"job {job} still {state} {timeout} s after its requeue"
+            time.sleep(0.2)
 
 
 def worker_pids(job: str, node: str) -> list[int]:
@@ -210,8 +221,7 @@ def test_fsdp_on_two_nodes_matches_one_process_and_resumes_after_a_killed_worker
     failed = cluster.wait(second)
     assert failed == "FAILED", f"{failed}: the kill came too late?\n{tail(ws / f'slurm-{second}.out')}"
     assert not out.exists()
-    cluster("scontrol", "requeue", second)
-    cluster("scontrol", "update", f"JobId={second}", "StartTime=now")  # Slurm holds requeued jobs ~2 min
+    cluster.requeue(second)
     assert cluster.wait(second) == "COMPLETED", tail(ws / f"slurm-{second}.out")
     text = (ws / f"slurm-{second}.out").read_text()
     resumed = {int(s) for s in re.findall(r"resuming from \S+ at step (\d+)", text)}
