@@ -18,6 +18,7 @@ from testkit import (
     BASE,
     CACHE,
     CLASSIFIER,
+    DATA,
     ROOT,
     SAMPLES,
     TOKENIZER,
@@ -53,7 +54,7 @@ def evaluate_job(label: str, out, *extra: str) -> list:
     return cli(
         label,
         "evaluate",
-        *("--samples", SAMPLES, "--reference", "data/raw/digits/val", "--classifier", CLASSIFIER),
+        *("--samples", SAMPLES, "--reference", f"{DATA}/val", "--classifier", CLASSIFIER),
         *("--out", str(out), *extra),
     )
 
@@ -76,7 +77,7 @@ def test_full_disk_is_one_message_and_the_same_command_resumes(smoke_run, tmp_pa
         cli(
             "tokenize",
             "tokenize",
-            *("--tokenizer-name", "vq_tiny", "--tokenizer", TOKENIZER, "--data", "data/raw/digits"),
+            *("--tokenizer-name", "vq_tiny", "--tokenizer", TOKENIZER, "--data", DATA),
             *("--out", str(disk / "cache")),
         ),
         evaluate_job("evaluate", disk / "eval" / "metrics.json"),

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ccalign.align.losses import preference_loss
 from ccalign.cli import build_parser
-from ccalign.pipeline import stages
+from ccalign.config import load_config
+from ccalign.pipeline import Plan, stages
 
 # float32 noise of a network's output relative to max(1, its magnitude). Evidence (fixture READMEs and sets
 # made with the same generator): the official float32 encoder features are ~2e-5 from float64 at
@@ -378,12 +379,30 @@ def cli(label: str, stage: str, *args: str) -> list:
     return ["cli", label, smoke_argv(stage, *args)]
 
 
-# The smoke experiment's LlamaGen chain, paths relative to the working directory.
-TOKENIZER = "data/tokenizers/vq_tiny/tokenizer.pt"
-CACHE = "data/cache/vq_tiny"
-CLASSIFIER = "data/classifier/classifier.pt"
-BASE = "data/pretrain/model.pt"
-SAMPLES = "data/samples/samples.npz"
+# The smoke experiment's LlamaGen chain: jobs of its Plan (the argv Snakemake and DVC run, paths relative
+# to the working directory), labelled by stage; a test of the chain runs what the DAG runs.
+_JOBS = {j.name: j for j in Plan(load_config(SMOKE), str(SMOKE)).jobs()}
+CHAIN = {
+    "prepare-data": _JOBS["prepare_data-digits"],
+    "train-tokenizer": _JOBS["train_tokenizer-vq_tiny"],
+    "tokenize": _JOBS["tokenize-vq_tiny"],
+    "train-classifier": _JOBS["train_classifier-digits"],
+    "pretrain": _JOBS["pretrain-llamagen-llamagen_tiny-0"],
+    "finetune": _JOBS["finetune-llamagen-llamagen_tiny-0-cca_lam1"],
+    "sample": _JOBS["sample-llamagen-llamagen_tiny-0-base-1"],  # the base model, guidance-free
+    "evaluate": _JOBS["evaluate-llamagen-llamagen_tiny-0-base-1"],
+}
+DATA = str(Path(CHAIN["prepare-data"].output).parent)
+TOKENIZER = CHAIN["train-tokenizer"].output
+CACHE = str(Path(CHAIN["tokenize"].output).parent)
+CLASSIFIER = CHAIN["train-classifier"].output
+BASE = CHAIN["pretrain"].output
+FINETUNED = CHAIN["finetune"].output
+SAMPLES = CHAIN["sample"].output
+METRICS = CHAIN["evaluate"].output
+SMOKE_CHAIN = [
+    ["cli", label, [j.args[1], "--set", "tracking.defer=true", *j.args[2:]]] for label, j in CHAIN.items()
+]
 
 
 def sample_argv(root: Path, data_root: Path, out: Path) -> list[str]:
@@ -399,74 +418,6 @@ def sample_argv(root: Path, data_root: Path, out: Path) -> list[str]:
     return smoke_argv(
         "sample", "--set", f"data_root={data_root}", *args, "--guidance", "1", "--out", str(out)
     )
-
-
-SMOKE_CHAIN = [
-    cli("prepare-data", "prepare-data", "--out", "data/raw/digits"),
-    cli(
-        "train-tokenizer",
-        "train-tokenizer",
-        "--name",
-        "vq_tiny",
-        "--data",
-        "data/raw/digits",
-        "--out",
-        TOKENIZER,
-    ),
-    cli(
-        "tokenize",
-        "tokenize",
-        *(
-            "--tokenizer-name",
-            "vq_tiny",
-            "--tokenizer",
-            TOKENIZER,
-            "--data",
-            "data/raw/digits",
-            "--out",
-            CACHE,
-        ),
-    ),
-    cli(
-        "train-classifier",
-        "train-classifier",
-        *("--data", "data/raw/digits/train", "--val", "data/raw/digits/val", "--out", CLASSIFIER),
-    ),
-    cli(
-        "pretrain",
-        "pretrain",
-        *(
-            "--model",
-            "llamagen_tiny",
-            "--seed",
-            "0",
-            "--tokenizer",
-            TOKENIZER,
-            "--cache",
-            CACHE,
-            "--out",
-            BASE,
-        ),
-    ),
-    cli(
-        "finetune",
-        "finetune",
-        *("--model", "llamagen_tiny", "--seed", "0", "--objective", "cca", "--lam", "1", "--base", BASE),
-        *("--tokenizer", TOKENIZER, "--cache", CACHE, "--out", "data/finetune/model.pt"),
-    ),
-    cli(
-        "sample",
-        "sample",
-        *("--model", "llamagen_tiny", "--checkpoint", BASE, "--tokenizer", TOKENIZER),
-        *("--guidance", "1", "--out", SAMPLES),
-    ),
-    cli(
-        "evaluate",
-        "evaluate",
-        *("--samples", SAMPLES, "--reference", "data/raw/digits/val", "--classifier", CLASSIFIER),
-        *("--out", "data/eval/metrics.json"),
-    ),
-]
 
 
 def error_lines(log: str) -> list[str]:
