@@ -22,24 +22,26 @@ def edited(change) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
+def _at(cfg: dict, path: str) -> tuple[dict, str]:
+    """(the mapping that holds the dotted ``path``, its last key)."""
+    *parents, last = path.split(".")
+    for p in parents:
+        cfg = cfg[p]
+    return cfg, last
+
+
 def setitem(path: str, value):
     def change(cfg):
-        *parents, last = path.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[last] = value
+        node, key = _at(cfg, path)
+        node[key] = value
 
     return change
 
 
 def delitem(path: str):
     def change(cfg):
-        *parents, last = path.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        del node[last]
+        node, key = _at(cfg, path)
+        del node[key]
 
     return change
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from testkit import one_family
+from testkit import copy_repo, one_family
 
 from ccalign.config import load_config
 from ccalign.pipeline import Plan
@@ -64,13 +64,7 @@ def dvc(ws: Path, *args: str) -> str:
 def workspace(dest: Path, cfg_edit=None) -> Path:
     """A git clone-like copy of the repository (tracked and untracked files, no data), with DVC, and
     dvc.yaml made for the smoke config."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for f in filter(None, (x.decode() for x in files)):
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
+    copy_repo(dest)
     if cfg_edit:
         cfg = yaml.safe_load((dest / SMOKE).read_text())
         cfg_edit(cfg)
@@ -198,11 +192,7 @@ def test_second_invocation_does_nothing_and_lambda_reruns_only_downstream(ws):
 @pytest.mark.parametrize(
     "module, importer, expected",
     [
-        (
-            "sample/shards.py",
-            "sample",
-            {"sample", "evaluate", "report"},
-        ),  # imported by the sample stage alone
+        ("sample/shards.py", "sample", {"sample", "evaluate", "report"}),  # imported by the sample stage
         ("report.py", "report", {"report"}),
     ],
 )

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from testkit import ROOT, SMOKE
+from testkit import ROOT, smoke_argv
 
 import ccalign.tracking as tracking
 from ccalign.stages import fetch as fetch_stage
@@ -409,8 +409,8 @@ def test_fetch_stage_404_is_one_line_on_stderr(tmp_path):
         entry = f"{{file: eval/ref.npz, source: {{url: '{base}/ref.npz'}}, size: null, sha256: null}}"
         manifest.write_text(f"artifacts:\n  ref: {entry}\n")
         proc = subprocess.run(
-            [sys.executable, "-m", "ccalign", "fetch", "--config", str(SMOKE), "--set", "tracking.defer=true"]
-            + ["--set", f"data_root={tmp_path}", "--manifest", str(manifest), "--only", "ref"]
+            [sys.executable, "-m", "ccalign", *smoke_argv("fetch", "--set", f"data_root={tmp_path}")]
+            + ["--manifest", str(manifest), "--only", "ref"]
             + ["--dest", str(tmp_path / "w")],
             env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
             capture_output=True,

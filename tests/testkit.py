@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -358,6 +359,21 @@ def run_cli_jobs(jobs: list, cwd: Path, prefix: list[str] = (), umask: int | Non
     return results
 
 
+def copy_repo(dest: Path) -> Path:
+    """The working tree as git sees it (tracked + untracked, not ignored), without data/ contents."""
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for f in filter(None, (x.decode() for x in files)):
+        src = ROOT / f
+        if src.is_file():  # a path git lists may be deleted in the working tree
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    return dest
+
+
 def one_family(cfg: dict, family: str) -> dict:
     """``cfg`` (a smoke-like config) reduced to ``family``'s models and tokenizers: half the jobs. Target sets
     of the other family's models only are dropped."""
@@ -369,9 +385,12 @@ def one_family(cfg: dict, family: str) -> dict:
     return cfg
 
 
+DEFER = ("--set", "tracking.defer=true")  # the stage buffers its MLflow run (no server in unit tests)
+
+
 def smoke_argv(stage: str, *args: str) -> list[str]:
     """``ccalign`` arguments: ``<stage> --config smoke.yaml --set tracking.defer=true <args>``."""
-    return [stage, "--config", str(SMOKE), "--set", "tracking.defer=true", *args]
+    return [stage, "--config", str(SMOKE), *DEFER, *args]
 
 
 def cli(label: str, stage: str, *args: str) -> list:
@@ -400,9 +419,7 @@ BASE = CHAIN["pretrain"].output
 FINETUNED = CHAIN["finetune"].output
 SAMPLES = CHAIN["sample"].output
 METRICS = CHAIN["evaluate"].output
-SMOKE_CHAIN = [
-    ["cli", label, [j.args[1], "--set", "tracking.defer=true", *j.args[2:]]] for label, j in CHAIN.items()
-]
+SMOKE_CHAIN = [["cli", label, [*j.args[1:], *DEFER]] for label, j in CHAIN.items()]
 
 
 def sample_argv(root: Path, data_root: Path, out: Path) -> list[str]:

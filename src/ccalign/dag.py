@@ -66,7 +66,7 @@ def _is_snakemake(argv: list[str]) -> bool:
     return any(os.path.basename(a) == "snakemake" for a in argv[:2]) or argv[1:3] == ["-m", "snakemake"]
 
 
-def _read_proc(pid: int) -> tuple[list[str], str | None, dict[str, str]]:
+def read_proc(pid: int) -> tuple[list[str], str | None, dict[str, str]]:
     """(argv, working directory, environment) of ``pid``; parts that cannot be read are empty."""
     base = Path("/proc", str(pid))
     argv = (base / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
@@ -89,7 +89,7 @@ def live_processes(root: Path) -> tuple[list[Proc], list[Proc]]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            argv, cwd, env = _read_proc(int(entry.name))
+            argv, cwd, env = read_proc(int(entry.name))
         except OSError:  # exited meanwhile
             continue
         if not argv:  # kernel thread or zombie

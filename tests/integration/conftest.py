@@ -20,8 +20,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, mlflow_server.py
 
-from harness import ARTIFACTS, HERE, SMOKE, base_env, copy_repo, require_pipeline, run, snakemake  # noqa: E402
+from harness import ARTIFACTS, HERE, SMOKE, base_env, require_pipeline, run, snakemake  # noqa: E402
 from mlflow_server import MlflowServer  # noqa: E402
+from testkit import copy_repo
 
 
 def _names_us(config: pytest.Config) -> bool:

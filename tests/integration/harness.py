@@ -39,21 +39,6 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def copy_repo(dest: Path) -> Path:
-    """The working tree as git sees it (tracked + untracked, not ignored), without data/ contents."""
-    files = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for f in filter(None, (x.decode() for x in files)):
-        src = REPO / f
-        if src.is_file():  # a path git lists may be deleted in the working tree
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
-    return dest
-
-
 def keep_one_family(ws: Path, family: str = "llamagen") -> str:
     """Rewrite the workspace's smoke config to ``family``'s models and tokenizers only (half the jobs)."""
     cfg = one_family(yaml.safe_load((ws / SMOKE).read_text()), family)

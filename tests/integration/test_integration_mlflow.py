@@ -10,7 +10,6 @@ import pytest
 from harness import (
     SMOKE,
     base_env,
-    copy_repo,
     experiment_id,
     get_artifact,
     job_counts,
@@ -22,6 +21,7 @@ from harness import (
     snakemake,
     tail,
 )
+from testkit import copy_repo
 
 from ccalign.config import load_config
 

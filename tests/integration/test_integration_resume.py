@@ -23,13 +23,13 @@ from harness import (
     SMOKE,
     base_env,
     comparable,
-    copy_repo,
     job_counts,
     keep_one_family,
     read_summary,
     run,
     tail,
 )
+from testkit import copy_repo
 
 from ccalign import dag
 

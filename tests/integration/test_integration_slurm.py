@@ -16,7 +16,6 @@ from harness import (
     VENV_BIN,
     base_env,
     comparable,
-    copy_repo,
     experiment_id,
     job_counts,
     keep_one_family,
@@ -27,6 +26,7 @@ from harness import (
     snakemake,
     tail,
 )
+from testkit import copy_repo
 
 from ccalign.config import load_config
 from ccalign.pipeline import Plan

@@ -30,9 +30,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from harness import SMOKE, base_env, copy_repo, keep_one_family, run, slurm_test_profile, tail
+from harness import SMOKE, base_env, keep_one_family, run, slurm_test_profile, tail
+from testkit import copy_repo
 
 from ccalign.config import load_config
+from ccalign.dag import read_proc
 from ccalign.pipeline import Plan, join_args
 
 pytestmark = pytest.mark.slow
@@ -117,12 +119,8 @@ def worker_pids(job: str, node: str) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            env = dict(
-                x.split("=", 1)
-                for x in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
-                if "=" in x
-            )
-        except OSError:
+            _, _, env = read_proc(int(entry.name))
+        except OSError:  # exited meanwhile
             continue
         if env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node and "LOCAL_RANK" in env:
             pids.append(int(entry.name))
